@@ -89,7 +89,7 @@ def to_state_dict(params: Mapping[str, Any], prefix: str = "") -> dict[str, np.n
                 visit(value, [*path, *(match.groups() if match else (key,))])
             else:
                 leaf, array = _to_torch_layout(key, np.asarray(value))
-                out[prefix + ".".join([*path, leaf])] = np.ascontiguousarray(array)
+                out[prefix + ".".join([*path, leaf])] = array.copy(order="C")
 
     visit(params, [])
     return out

@@ -1,0 +1,101 @@
+"""The pure DINO update, and the compiled training step built on it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dino_jax.loss import dino_loss, update_center
+from dino_jax.models.multicrop import MultiCropNetwork
+from dino_jax.schedules import Schedules
+from dino_jax.state import TrainState, ema
+
+
+@dataclasses.dataclass(frozen=True)
+class DinoHParams:
+    """Static parts of the update: the network, the optimiser, the schedules, the loss."""
+
+    model: MultiCropNetwork
+    tx: optax.GradientTransformationExtraArgs
+    schedules: Schedules
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+
+
+def global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def collapse_metrics(teacher_logits: jax.Array, center: jax.Array, temp: jax.Array) -> dict:
+    """Teacher entropy (against ln K), KL(mean teacher distribution || uniform), center norm.
+
+    Collapse to one prototype drives the entropy to 0; collapse to uniform drives it to ln K
+    and the KL to 0.
+    """
+    k = teacher_logits.shape[-1]
+    log_q = jax.nn.log_softmax((teacher_logits.astype(jnp.float32) - center) / temp, axis=-1)
+    q = jnp.exp(log_q)
+    entropy = -jnp.sum(q * log_q, axis=-1).mean()
+    mean_q = q.reshape(-1, k).mean(0)
+    kl_uniform = jnp.sum(mean_q * jnp.log(jnp.maximum(mean_q, 1e-30))) + jnp.log(k)
+    return {
+        "collapse/teacher_entropy": entropy,
+        "collapse/entropy_max": jnp.log(jnp.float32(k)),
+        "collapse/kl_uniform": kl_uniform,
+        "collapse/center_norm": jnp.linalg.norm(center),
+    }
+
+
+def dino_update(
+    state: TrainState, crops: Sequence[jax.Array], key: jax.Array, hp: DinoHParams
+) -> tuple[TrainState, dict]:
+    """One official training iteration on already-augmented crops.
+
+    crops: groups of equal resolution, (B, n, H, W, C) each, the 2 global crops first.
+    Order as train_one_epoch: teacher forward on the global crops, student forward on all,
+    loss, gradient, per-tensor clip, AdamW (last layer skipped while frozen), teacher EMA;
+    the center moves after the loss, from the teacher logits of this batch.
+    """
+    sch = hp.schedules
+    step = state.step
+    teacher_temp = sch.teacher_temp_at(step)
+    t_logits = hp.model.apply({"params": state.teacher}, crops[:1])  # (2, B, K)
+    t_logits = jax.lax.stop_gradient(t_logits)
+
+    def loss_fn(student):
+        s_logits = hp.model.apply(
+            {"params": student}, crops, train=True, rngs={"drop_path": key}
+        )  # (n_crops, B, K)
+        return dino_loss(
+            s_logits,
+            t_logits,
+            state.center,
+            student_temp=hp.student_temp,
+            teacher_temp=teacher_temp,
+        )
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.student)
+    updates, opt_state = hp.tx.update(grads, state.opt_state, state.student, step=step)
+    student = optax.apply_updates(state.student, updates)
+    momentum = sch.momentum(step)
+    new_state = state.replace(
+        step=step + 1,
+        student=student,
+        teacher=ema(state.teacher, student, momentum),
+        opt_state=opt_state,
+        center=update_center(state.center, t_logits, hp.center_momentum),
+    )
+    metrics = {
+        "train/loss": loss,
+        "train/lr": sch.lr(step),
+        "train/wd": sch.wd(step),
+        "train/momentum": momentum,
+        "train/teacher_temp": teacher_temp,
+        "train/grad_norm": global_norm(grads),
+        **collapse_metrics(t_logits, state.center, teacher_temp),
+    }
+    return new_state, metrics
