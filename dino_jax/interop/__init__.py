@@ -1,0 +1,1 @@
+"""Interoperability with the official PyTorch DINO: checkpoint files and parameter layouts."""

@@ -1,0 +1,12 @@
+"""Read and write PyTorch ``torch.save`` files (official DINO checkpoints) with numpy only:
+no torch import, and no code from the file is ever run."""
+
+from dino_jax.interop.pth_read import (
+    ALLOWED_GLOBALS,
+    Namespace,
+    UnsafeCheckpointError,
+    load_pth,
+)
+from dino_jax.interop.pth_write import save_pth
+
+__all__ = ["ALLOWED_GLOBALS", "Namespace", "UnsafeCheckpointError", "load_pth", "save_pth"]
