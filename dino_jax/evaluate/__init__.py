@@ -1,0 +1,1 @@
+"""Evaluation protocols of the recipe: weighted k-NN, linear probe, attention maps."""
