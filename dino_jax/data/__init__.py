@@ -1,0 +1,1 @@
+"""Host input pipeline and on-device augmentation."""
