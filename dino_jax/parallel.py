@@ -34,3 +34,27 @@ def global_batch_from_local(local: np.ndarray, mesh: Mesh) -> jax.Array:
     sharding = batch_sharding(mesh)
     global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
     return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+
+def fsdp_spec(shape: tuple[int, ...], num_shards: int, min_size: int = 2**14) -> PartitionSpec:
+    """Shard the largest axis that splits evenly over the devices (ZeRO-3 / FSDP style).
+
+    Small arrays (under `min_size` elements) stay replicated: gathering them costs more than
+    the memory they would save.
+    """
+    if num_shards == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return PartitionSpec()
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % num_shards == 0:
+            spec = [None] * len(shape)
+            spec[axis] = DATA_AXIS
+            return PartitionSpec(*spec)
+    return PartitionSpec()
+
+
+def state_shardings(abstract_state, mesh: Mesh, fsdp: bool):
+    """Shardings of a (abstract) train state: replicated, or FSDP rules on every array."""
+    if not fsdp:
+        return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+    n = mesh.shape[DATA_AXIS]
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), n)), abstract_state)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dino_jax.data.augment import MultiCropConfig, multicrop
 from dino_jax.loss import dino_loss, update_center
 from dino_jax.models.multicrop import MultiCropNetwork
 from dino_jax.schedules import Schedules
@@ -98,4 +99,36 @@ def dino_update(
         "train/grad_norm": global_norm(grads),
         **collapse_metrics(t_logits, state.center, teacher_temp),
     }
+    return new_state, metrics
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    base_key: jax.Array,
+    *,
+    hp: DinoHParams,
+    aug: MultiCropConfig,
+    compute_dtype=jnp.bfloat16,
+    skip_nonfinite: bool = False,
+) -> tuple[TrainState, dict]:
+    """Augment a batch of host canvases on the device, then one DINO update.
+
+    Randomness is a pure function of (seed, step, example): the step's key is folded from the
+    base key, and example i of the global batch gets the i-th split of it, so a resumed run
+    sees exactly the crops of an uninterrupted one. With `skip_nonfinite`, a step whose loss
+    or gradient is not finite leaves the state unchanged (but for the step count).
+    """
+    aug_key, drop_key = jax.random.split(jax.random.fold_in(base_key, state.step))
+    keys = jax.random.split(aug_key, batch["image"].shape[0])
+    global_crops, local_crops = multicrop(
+        keys, batch["image"], batch["size"], aug, dtype=compute_dtype
+    )
+    crops = (global_crops, local_crops) if aug.n_local else (global_crops,)
+    new_state, metrics = dino_update(state, crops, drop_key, hp)
+    if skip_nonfinite:
+        ok = jnp.isfinite(metrics["train/loss"]) & jnp.isfinite(metrics["train/grad_norm"])
+        kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+        new_state = kept.replace(step=new_state.step)
+        metrics["train/skipped"] = (~ok).astype(jnp.float32)
     return new_state, metrics

@@ -1,0 +1,22 @@
+"""python -m dino_jax.bench {step,augment,pipeline} [options]: the project's benchmarks."""
+
+import importlib
+import sys
+
+COMMANDS = {
+    "step": "training step: images/s, FLOPs, MFU, compile time, memory",
+    "augment": "on-device multi-crop augmentation cost",
+    "pipeline": "host input pipeline throughput per CPU core",
+}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        lines = "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items())
+        sys.exit(f"usage: python -m dino_jax.bench COMMAND [options]\n{lines}")
+    module = importlib.import_module(f"dino_jax.bench.{sys.argv[1]}")
+    module.main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Benchmark of the compiled training step: images/s, FLOPs, MFU, compile time, memory.
+
+python -m dino_jax.bench step --config=configs/vit_small16.py [--batch 128] [--steps 20]
+
+Synthetic canvases already on the device (no host pipeline), the real step otherwise:
+on-device multi-crop augmentation, teacher and student forward, backward, optimiser, EMA.
+MFU is the achieved FLOP rate over the rate of a large matmul measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import itertools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dino_jax import parallel, recipe
+from dino_jax.config import validate
+from dino_jax.data.augment import MultiCropConfig
+from dino_jax.models.vit import ARCHS
+from dino_jax.train_step import DinoHParams, train_step
+
+
+def vit_forward_flops(dim: int, depth: int, tokens: int, patch: int, mlp_ratio: float = 4.0):
+    """Matmul FLOPs of one ViT forward on one image of `tokens` (CLS included) tokens."""
+    per_block = (
+        2 * tokens * dim * 3 * dim  # qkv
+        + 2 * 2 * tokens * tokens * dim  # q k^T and attn v
+        + 2 * tokens * dim * dim  # proj
+        + 2 * 2 * tokens * dim * int(dim * mlp_ratio)  # fc1, fc2
+    )
+    patch_embed = 2 * (tokens - 1) * 3 * patch * patch * dim
+    return depth * per_block + patch_embed
+
+
+def head_forward_flops(dim: int, nlayers: int, hidden: int, bottleneck: int, out_dim: int):
+    widths = [dim] + [hidden] * (nlayers - 1) + [bottleneck]
+    mlp = sum(2 * a * b for a, b in itertools.pairwise(widths))
+    return mlp + 2 * bottleneck * out_dim
+
+
+def dino_flops_per_image(config) -> float:
+    """Analytic FLOPs of one training step per source image: the student's forward and
+    backward (3x forward) on every crop and the teacher's forward on the global crops."""
+    m, a = config.model, config.aug
+    arch = recipe.backbone_kwargs(m) if m.arch == "custom" else ARCHS[m.arch]
+    dim, depth = arch["embed_dim"], arch["depth"]
+    head = head_forward_flops(
+        dim, m.head_nlayers, m.head_hidden_dim, m.head_bottleneck_dim, m.out_dim
+    )
+
+    def crop(size):
+        return vit_forward_flops(dim, depth, (size // m.patch_size) ** 2 + 1, m.patch_size) + head
+
+    student = a.n_global * crop(a.global_size) + a.n_local * crop(a.local_size)
+    teacher = a.n_global * crop(a.global_size)
+    return 3 * student + teacher
+
+
+def matmul_rate(dtype, size: int, repeats: int = 10) -> float:
+    """FLOP/s of a size^3 matmul in `dtype` on the default device (median of repeats)."""
+    x = jax.random.normal(jax.random.key(0), (size, size), dtype)
+    y = jax.random.normal(jax.random.key(1), (size, size), dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    f(x, y).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(x, y).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times)
+
+
+def load_config(path: str, overrides: list[str]):
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for item in overrides:
+        key, value = item.split("=", 1)
+        node, *parts = key.split(".")
+        target = config[node]
+        for part in parts[:-1]:
+            target = target[part]
+        target[parts[-1]] = type(target[parts[-1]])(json.loads(value))
+    return config
+
+
+def synthetic_batch(batch: int, canvas: int, mesh) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch, canvas, canvas, 3), dtype=np.uint8)
+    sizes = np.stack([rng.integers(canvas * 3 // 4, canvas + 1, batch)] * 2, 1).astype(np.int32)
+    sharding = parallel.batch_sharding(mesh)
+    return {
+        "image": jax.device_put(images, sharding),
+        "size": jax.device_put(sizes, sharding),
+    }
+
+
+def run(config, steps: int, warmup: int) -> dict:
+    validate(config, jax.device_count())
+    mesh = parallel.make_mesh()
+    schedules = recipe.build_schedules(config, steps_per_epoch=1000)
+    hp = DinoHParams(
+        model=recipe.build_network(config),
+        tx=recipe.build_optimizer(config, schedules),
+        schedules=schedules,
+    )
+    from dino_jax.trainer import init_state
+
+    abstract = jax.eval_shape(functools.partial(init_state, config, hp), jax.random.key(0))
+    shardings = parallel.state_shardings(abstract, mesh, config.train.fsdp)
+    state = jax.jit(functools.partial(init_state, config, hp), out_shardings=shardings)(
+        jax.random.key(0)
+    )
+    aug = MultiCropConfig.from_config(config.aug)
+    step = jax.jit(
+        functools.partial(
+            train_step, hp=hp, aug=aug, compute_dtype=jnp.dtype(config.model.compute_dtype)
+        ),
+        in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
+        out_shardings=(shardings, parallel.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    batch = synthetic_batch(config.optim.batch_size, config.data.canvas_size, mesh)
+    key = jax.random.key(0)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch, key).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch, key)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch, key)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    images_s = config.optim.batch_size / step_s
+    flops = dino_flops_per_image(config)
+    device = jax.devices()[0]
+    on_gpu = device.platform == "gpu"
+    rate = matmul_rate(jnp.dtype(config.model.compute_dtype), 8192 if on_gpu else 2048)
+    achieved = flops * images_s / jax.device_count()
+    stats = device.memory_stats() or {}
+    return {
+        "device": f"{jax.device_count()} x {device.device_kind}",
+        "arch": config.model.arch,
+        "patch": config.model.patch_size,
+        "batch": config.optim.batch_size,
+        "crops": f"{config.aug.n_global}x{config.aug.global_size}"
+        f" + {config.aug.n_local}x{config.aug.local_size}",
+        "dtype": config.model.compute_dtype,
+        "attention": recipe.attention_implementation(
+            config.model.attention, jnp.dtype(config.model.compute_dtype)
+        ),
+        "step_ms": 1e3 * step_s,
+        "images_per_s": images_s,
+        "gflop_per_image": flops / 1e9,
+        "xla_gflop_per_image": float(cost.get("flops", 0.0)) / config.optim.batch_size / 1e9,
+        "tflops_per_device": achieved / 1e12,
+        "matmul_tflops": rate / 1e12,
+        "mfu": achieved / rate,
+        "compile_s": compile_s,
+        "peak_memory_gb": stats.get("peak_bytes_in_use", 0) / 2**30,
+        "loss": float(metrics["train/loss"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m dino_jax.bench step", description=__doc__)
+    parser.add_argument("--config", default="configs/vit_small16.py")
+    parser.add_argument("--batch", type=int, default=None, help="global batch (images)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--set", action="append", default=[], help='key=json, e.g. model.attention="xla"'
+    )
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.set)
+    if args.batch:
+        config.optim.batch_size = args.batch
+    result = run(config, args.steps, args.warmup)
+    width = max(map(len, result))
+    for key, value in result.items():
+        shown = f"{value:,.3f}" if isinstance(value, float) else value
+        print(f"{key:<{width}}  {shown}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Every configuration key the code reads, with the official defaults, and its validation.
+
+Recipes in `configs/` start from `default_config()` and override; `validate` refuses a bad
+config with every problem listed before anything is compiled or read.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from dino_jax.models.vit import ARCHS
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message lists what to change."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The official ViT-S/16 recipe (main_dino.py defaults, 10 local crops) on ImageNet."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # An official checkpoint.pth / *_pretrain.pth to initialise the student and teacher from.
+    c.init_from = ""
+
+    c.model = ml_collections.ConfigDict()
+    c.model.arch = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | custom
+    c.model.embed_dim = config_dict.placeholder(int)  # only for arch = custom
+    c.model.depth = config_dict.placeholder(int)
+    c.model.num_heads = config_dict.placeholder(int)
+    c.model.patch_size = 16
+    c.model.drop_path_rate = 0.1
+    c.model.out_dim = 65536
+    c.model.norm_last_layer = True
+    c.model.use_bn_in_head = False
+    c.model.head_nlayers = 3
+    c.model.head_hidden_dim = 2048
+    c.model.head_bottleneck_dim = 256
+    # bf16 compute with float32 params; logits, loss, center and EMA stay float32. The
+    # official code used fp16 autocast; "float32" reproduces its fp32 runs.
+    c.model.compute_dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.model.attention = "auto"  # auto (cuDNN fused on GPUs with bf16/fp16) | xla | cudnn
+
+    c.dino = ml_collections.ConfigDict()
+    c.dino.student_temp = 0.1
+    c.dino.teacher_temp = 0.04
+    c.dino.warmup_teacher_temp = 0.04
+    c.dino.warmup_teacher_temp_epochs = 0
+    c.dino.momentum_teacher = 0.996
+    c.dino.center_momentum = 0.9
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.batch_size = 1024  # global, over all devices and hosts
+    c.optim.epochs = 100
+    c.optim.lr = 0.0005  # per 256 images: peak lr = lr * batch_size / 256
+    c.optim.min_lr = 1e-6
+    c.optim.warmup_epochs = 10
+    c.optim.weight_decay = 0.04
+    c.optim.weight_decay_end = 0.4
+    c.optim.clip_grad = 3.0
+    c.optim.freeze_last_layer = 1
+
+    c.aug = ml_collections.ConfigDict()  # see dino_jax.data.augment.MultiCropConfig
+    c.aug.global_size = 224
+    c.aug.local_size = 96
+    c.aug.n_global = 2
+    c.aug.n_local = 10  # local_crops_number: the code default is 8, the best paper run 10
+    c.aug.global_scale = (0.4, 1.0)
+    c.aug.local_scale = (0.05, 0.4)
+    c.aug.ratio = (3 / 4, 4 / 3)
+    c.aug.flip_prob = 0.5
+    c.aug.jitter_prob = 0.8
+    c.aug.brightness = 0.4
+    c.aug.contrast = 0.4
+    c.aug.saturation = 0.2
+    c.aug.hue = 0.1
+    c.aug.grayscale_prob = 0.2
+    c.aug.global_blur_prob = (1.0, 0.1)  # one per global crop
+    c.aug.global_solarize_prob = (0.0, 0.2)
+    c.aug.local_blur_prob = 0.5
+    c.aug.blur_radius = (0.1, 2.0)
+    c.aug.mean = (0.485, 0.456, 0.406)
+    c.aug.std = (0.229, 0.224, 0.225)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "tfds"  # tfds | folder | demo | synthetic
+    c.data.tfds_name = "imagenet2012"
+    c.data.split = "train"
+    c.data.eval_train_split = "train"  # the k-NN bank
+    c.data.eval_test_split = "validation"  # classified by k-NN
+    c.data.data_dir = ""  # TFDS data_dir, an image folder, or a directory of IDX files
+    c.data.manual_dir = ""  # where the ImageNet archives were downloaded by hand
+    c.data.canvas_size = 512  # host output: images fit an L x L canvas, cropped on device
+    c.data.seed = 0  # data order: epoch e of process p is a permutation seeded by (seed, e, p)
+    c.data.shuffle_buffer = 10_000  # TFRecord-backed TFDS datasets only
+    c.data.num_parallel_calls = -1  # decode threads; <= 0 lets tf.data tune it
+    c.data.prefetch = 2  # global batches in flight to the devices
+    c.data.synthetic_examples = 10_000
+    c.data.synthetic_classes = 10
+
+    c.train = ml_collections.ConfigDict()
+    c.train.log_every_steps = 50
+    c.train.checkpoint_every_steps = 1000
+    c.train.keep_checkpoints = 3
+    c.train.max_steps = config_dict.placeholder(int)  # stop early (tests, smoke runs)
+    c.train.skip_nonfinite_steps = 0  # > 0: tolerate that many non-finite losses in a row
+    c.train.allow_config_change = False  # resume although the recipe changed (lr, epochs)
+    c.train.fsdp = False  # shard params and optimiser state over devices (large models)
+    c.train.progress_bar = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.knn_every_epochs = 0  # 0: only at the end of training
+    c.eval.knn_ks = (10, 20, 100, 200)
+    c.eval.knn_temperature = 0.07
+    c.eval.knn_max_train = 0  # 0: the whole split
+    c.eval.resize = 256  # eval transform: resize shorter side, then center crop
+    c.eval.crop = 224
+    c.eval.batch_size = 256
+    c.eval.attention_images = 0  # attention-map PNGs written at the end of training
+    return c
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+    """Raise ConfigError listing every invalid value of `c`, with what to do about it."""
+    errors: list[str] = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    m, d, o, a = c.model, c.dino, c.optim, c.aug
+    check(
+        m.arch in ARCHS or m.arch == "custom",
+        f"model.arch={m.arch!r}: use one of {sorted(ARCHS)} or 'custom'",
+    )
+    if m.arch == "custom":
+        for key in ("embed_dim", "depth", "num_heads"):
+            value = m[key]
+            check(
+                isinstance(value, int) and value > 0,
+                f"model.{key}={value!r}: a positive int is needed with arch='custom'",
+            )
+        if isinstance(m.embed_dim, int) and isinstance(m.num_heads, int) and m.num_heads > 0:
+            check(
+                m.embed_dim % m.num_heads == 0,
+                f"model.embed_dim={m.embed_dim} is not divisible by num_heads={m.num_heads}",
+            )
+    _positive_int(check, "model.patch_size", m.patch_size)
+    _positive_int(check, "model.out_dim", m.out_dim)
+    _positive_int(check, "model.head_nlayers", m.head_nlayers)
+    _positive_int(check, "model.head_hidden_dim", m.head_hidden_dim)
+    _positive_int(check, "model.head_bottleneck_dim", m.head_bottleneck_dim)
+    check(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate}: use [0, 1)")
+    for key in ("compute_dtype", "param_dtype"):
+        check(m[key] in DTYPES, f"model.{key}={m[key]!r}: use one of {DTYPES}")
+    check(
+        m.attention in ("auto", "xla", "cudnn"),
+        f"model.attention={m.attention!r}: use auto, xla or cudnn",
+    )
+
+    for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+        check(0.0 < d[key] <= 1.0, f"dino.{key}={d[key]}: a temperature in (0, 1] is needed")
+    check(
+        0.0 <= d.momentum_teacher <= 1.0,
+        f"dino.momentum_teacher={d.momentum_teacher}: use [0, 1] (official 0.996)",
+    )
+    check(
+        0.0 <= d.center_momentum < 1.0,
+        f"dino.center_momentum={d.center_momentum}: use [0, 1) (official 0.9)",
+    )
+
+    _positive_int(check, "optim.batch_size", o.batch_size)
+    _positive_int(check, "optim.epochs", o.epochs)
+    if isinstance(o.batch_size, int) and o.batch_size > 0:
+        check(
+            o.batch_size % num_devices == 0,
+            f"optim.batch_size={o.batch_size} is not divisible by the {num_devices} devices:"
+            f" use a multiple of {num_devices}",
+        )
+        check(
+            o.batch_size % num_processes == 0,
+            f"optim.batch_size={o.batch_size} is not divisible by the {num_processes} processes",
+        )
+    check(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
+    check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr}: use [0, optim.lr]")
+    check(o.weight_decay >= 0 and o.weight_decay_end >= 0, "optim.weight_decay(_end) must be >= 0")
+    check(o.clip_grad >= 0, f"optim.clip_grad={o.clip_grad}: >= 0 (0 disables clipping)")
+    if isinstance(o.epochs, int):
+        for key, value in [
+            ("optim.warmup_epochs", o.warmup_epochs),
+            ("optim.freeze_last_layer", o.freeze_last_layer),
+            ("dino.warmup_teacher_temp_epochs", d.warmup_teacher_temp_epochs),
+        ]:
+            check(
+                isinstance(value, int) and 0 <= value <= o.epochs,
+                f"{key}={value}: an int in [0, optim.epochs={o.epochs}] (the schedule cannot be"
+                " longer than training)",
+            )
+
+    _validate_aug(check, a, m.patch_size)
+    check(
+        c.data.source in ("tfds", "folder", "demo", "synthetic"),
+        f"data.source={c.data.source!r}: use tfds, folder, demo or synthetic",
+    )
+    if c.data.source == "folder":
+        check(bool(c.data.data_dir), "data.data_dir is empty: give the image folder to train on")
+    _positive_int(check, "data.canvas_size", c.data.canvas_size)
+    _positive_int(check, "train.log_every_steps", c.train.log_every_steps)
+    _positive_int(check, "train.checkpoint_every_steps", c.train.checkpoint_every_steps)
+    _positive_int(check, "train.keep_checkpoints", c.train.keep_checkpoints)
+    if c.train.max_steps is not None:
+        _positive_int(check, "train.max_steps", c.train.max_steps)
+    check(c.train.skip_nonfinite_steps >= 0, "train.skip_nonfinite_steps must be >= 0")
+    check(c.eval.knn_every_epochs >= 0, "eval.knn_every_epochs must be >= 0 (0: end only)")
+    check(
+        all(isinstance(k, int) and k > 0 for k in c.eval.knn_ks),
+        f"eval.knn_ks={c.eval.knn_ks}: positive ints",
+    )
+    check(c.eval.knn_temperature > 0, "eval.knn_temperature must be > 0")
+    check(
+        c.eval.crop <= c.eval.resize,
+        f"eval.crop={c.eval.crop} is larger than eval.resize={c.eval.resize}",
+    )
+    if isinstance(m.patch_size, int) and m.patch_size > 0:
+        check(
+            c.eval.crop % m.patch_size == 0,
+            f"eval.crop={c.eval.crop} is not a multiple of model.patch_size={m.patch_size}",
+        )
+    _positive_int(check, "eval.batch_size", c.eval.batch_size)
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def _positive_int(check, name: str, value) -> None:
+    check(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        f"{name}={value!r}: must be a positive int",
+    )
+
+
+def _validate_aug(check, a: ml_collections.ConfigDict, patch_size) -> None:
+    from dino_jax.data.augment import MultiCropConfig
+
+    try:
+        MultiCropConfig.from_config(a)
+    except (ValueError, TypeError) as err:
+        check(False, str(err))
+    check(a.n_global == 2, f"aug.n_global={a.n_global}: DINO uses exactly 2 global crops")
+    if isinstance(patch_size, int) and patch_size > 0:
+        for key in ("global_size", "local_size"):
+            value = a[key]
+            check(
+                isinstance(value, int) and value % patch_size == 0,
+                f"aug.{key}={value} is not a multiple of model.patch_size={patch_size}:"
+                " the crop must split into whole patches",
+            )

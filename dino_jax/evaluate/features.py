@@ -1,0 +1,94 @@
+"""Backbone features of a whole split: the eval transform on the device, then the ViT.
+
+The eval transform is the official one (Resize(resize, bicubic) on the shorter side, then
+CenterCrop(crop), ToTensor, Normalize), done as one PIL-bicubic resample per image from the
+host's canvas. Features are the final-norm CLS token, or the linear-probe features (CLS of the
+last n blocks, optionally with the mean patch token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from dino_jax import parallel
+from dino_jax.data import color, crops
+from dino_jax.data.pipeline import device_batches
+from dino_jax.models.vit import VisionTransformer
+
+
+def eval_transform(
+    images: jax.Array, sizes: jax.Array, *, resize: int, crop: int, mean, std, dtype
+) -> jax.Array:
+    """(B, L, L, 3) uint8 canvases -> (B, crop, crop, 3) normalised center crops."""
+
+    def one(image, size_hw):
+        box = crops.resize_center_crop_box(size_hw, resize, crop)
+        within = jnp.stack([0.0, 0.0, size_hw[0], size_hw[1]]).astype(jnp.float32)
+        out = crops.resized_crop(image, box, (crop, crop), within=within)
+        return color.normalize(out, mean, std)
+
+    return jax.vmap(one)(images, sizes).astype(dtype)
+
+
+def linear_features(out, n_last_blocks: int, avgpool: bool) -> jax.Array:
+    """eval_linear.py's features: CLS of the last n normed blocks [+ mean patch token]."""
+    feats = [block[:, 0] for block in out.intermediates]
+    if avgpool:
+        feats.append(out.intermediates[-1][:, 1:].mean(axis=1))
+    return jnp.concatenate(feats, axis=-1)
+
+
+def feature_fn(
+    backbone: VisionTransformer,
+    mesh: jax.sharding.Mesh,
+    *,
+    resize: int,
+    crop: int,
+    mean,
+    std,
+    n_last_blocks: int = 0,
+    avgpool: bool = False,
+):
+    """jit(params, batch) -> (B, D') features, batch sharded over the mesh."""
+
+    def features(params, batch):
+        images = eval_transform(
+            batch["image"],
+            batch["size"],
+            resize=resize,
+            crop=crop,
+            mean=mean,
+            std=std,
+            dtype=backbone.dtype,
+        )
+        out = backbone.apply(params, images, n_last_blocks=n_last_blocks)
+        if n_last_blocks:
+            return linear_features(out, n_last_blocks, avgpool).astype(jnp.float32)
+        return out.cls.astype(jnp.float32)
+
+    data = parallel.batch_sharding(mesh)
+    return jax.jit(features, in_shardings=(parallel.replicated(mesh), data), out_shardings=data)
+
+
+def extract(
+    fn, params, batches: Iterable[dict[str, np.ndarray]], mesh: jax.sharding.Mesh
+) -> tuple[np.ndarray, np.ndarray]:
+    """All (features, labels) of a split, padding dropped, on every process's host."""
+    feats, labels = [], []
+    for batch in device_batches(batches, mesh):
+        out = fn(params, {"image": batch["image"], "size": batch["size"]})
+        mask = _gather(batch["mask"]).astype(bool)
+        feats.append(_gather(out)[mask])
+        labels.append(_gather(batch["label"])[mask])
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -1,0 +1,77 @@
+"""k-NN evaluation of a backbone on the configured splits (during training and after)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from dino_jax.data.pipeline import eval_data
+from dino_jax.evaluate.features import extract, feature_fn
+from dino_jax.evaluate.knn import knn_classify, normalize
+from dino_jax.models.vit import VisionTransformer
+
+_LOG = logging.getLogger(__name__)
+HEADLINE_K = 20  # the official headline figure
+
+
+def split_features(
+    config: ml_collections.ConfigDict,
+    backbone: VisionTransformer,
+    params,
+    mesh: jax.sharding.Mesh,
+    split: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    fn = feature_fn(
+        backbone,
+        mesh,
+        resize=config.eval.resize,
+        crop=config.eval.crop,
+        mean=tuple(config.aug.mean),
+        std=tuple(config.aug.std),
+    )
+    batches = eval_data(config.data, split, config.eval.batch_size)
+    return extract(fn, params, batches, mesh)
+
+
+def knn_evaluation(
+    config: ml_collections.ConfigDict,
+    backbone: VisionTransformer,
+    params,
+    mesh: jax.sharding.Mesh,
+) -> dict[str, float]:
+    """Weighted k-NN top-1/top-5 of `backbone` features: bank = eval_train_split, queries =
+    eval_test_split. `knn/top1` is the k = 20 figure (the official headline)."""
+    start = time.perf_counter()
+    train_x, train_y = split_features(config, backbone, params, mesh, config.data.eval_train_split)
+    limit = config.eval.knn_max_train
+    if limit and len(train_x) > limit:
+        train_x, train_y = train_x[:limit], train_y[:limit]
+    test_x, test_y = split_features(config, backbone, params, mesh, config.data.eval_test_split)
+    result = knn_classify(
+        normalize(train_x),
+        train_y,
+        normalize(test_x),
+        test_y,
+        ks=tuple(config.eval.knn_ks),
+        temperature=config.eval.knn_temperature,
+        mesh=mesh,
+        per_sample=False,
+    )
+    metrics = result.metrics()
+    k = HEADLINE_K if HEADLINE_K in result.per_k else min(result.per_k)
+    metrics["knn/top1"] = result.per_k[k].top1
+    metrics["knn/top5"] = result.per_k[k].top5
+    metrics["knn/seconds"] = time.perf_counter() - start
+    _LOG.info(
+        "k-NN (k=%d) top-1 %.2f top-5 %.2f on %d queries, bank %d",
+        k,
+        metrics["knn/top1"],
+        metrics["knn/top5"],
+        len(test_x),
+        len(train_x),
+    )
+    return metrics

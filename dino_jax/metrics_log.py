@@ -1,0 +1,87 @@
+"""Run logs in the work directory: JSON lines, TensorBoard scalars and a progress bar.
+
+Only process 0 writes; every process may call. `train.jsonl` holds one object per logged
+step; `tensorboard/` holds event files (`tensorboard --logdir <workdir>/tensorboard`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+
+from dino_jax.tensorboard import ScalarWriter
+
+_LOG = logging.getLogger(__name__)
+
+
+class MetricLogger:
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        total_steps: int,
+        start_step: int,
+        images_per_step: int,
+        log_every: int,
+        progress_bar: bool = True,
+    ):
+        self.active = jax.process_index() == 0
+        self.log_every = log_every
+        self.images_per_step = images_per_step
+        self._window_start = (start_step, time.perf_counter())
+        self._bar = None
+        if not self.active:
+            return
+        self._jsonl = open(os.path.join(workdir, "train.jsonl"), "a")  # noqa: SIM115
+        self._tb = ScalarWriter(os.path.join(workdir, "tensorboard"))
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def train(self, step: int, values: dict[str, float], skips=None) -> None:
+        """Per-step training metrics: the bar moves every step, records every log_every."""
+        if not self.active:
+            return
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(loss=f"{values.get('train/loss', float('nan')):.4f}")
+        if step % self.log_every:
+            return
+        first, start_time = self._window_start
+        now = time.perf_counter()
+        if step > first:
+            rate = (step - first) * self.images_per_step / (now - start_time)
+            values = {**values, "perf/images_per_s": rate}
+            if self._bar is not None:
+                self._bar.set_postfix(
+                    loss=f"{values['train/loss']:.4f}", img_s=f"{rate:,.0f}", refresh=False
+                )
+        self._window_start = (step, now)
+        if skips is not None:
+            values = {**values, "data/skipped_files": float(skips.count)}
+        self.record(step, values)
+
+    def record(self, step: int, values: dict[str, float]) -> None:
+        """Write `values` at `step` to the JSON lines and TensorBoard (evaluations, etc.)."""
+        if not self.active or not values:
+            return
+        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        self._jsonl.flush()
+        self._tb.scalars(step, values)
+        self._tb.flush()
+        if self._bar is None:
+            shown = {k: round(v, 5) for k, v in values.items() if "/" in k}
+            _LOG.info("step %d: %s", step, shown)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        self._jsonl.close()
+        self._tb.close()

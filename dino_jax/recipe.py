@@ -1,0 +1,77 @@
+"""The pieces of a DINO run built from a config: network, schedules, optimiser."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dino_jax.models import DINOHead, MultiCropNetwork, VisionTransformer
+from dino_jax.models.vit import ARCHS
+from dino_jax.optim import dino_optimizer
+from dino_jax.schedules import Schedules
+
+
+def backbone_kwargs(m: ml_collections.ConfigDict) -> dict:
+    if m.arch == "custom":
+        return {"embed_dim": m.embed_dim, "depth": m.depth, "num_heads": m.num_heads}
+    return dict(ARCHS[m.arch])
+
+
+def attention_implementation(setting: str, compute_dtype) -> str | None:
+    """'auto' picks cuDNN's fused attention on GPUs for 16-bit compute, XLA elsewhere."""
+    if setting != "auto":
+        return setting
+    half = jnp.dtype(compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+
+
+def build_network(c: ml_collections.ConfigDict) -> MultiCropNetwork:
+    """g = head o backbone. Stochastic depth acts only in `train=True` calls (the student's);
+    the teacher is called with train=False, as it has no drop path in the official code."""
+    m = c.model
+    compute = jnp.dtype(m.compute_dtype)
+    params = jnp.dtype(m.param_dtype)
+    backbone = VisionTransformer(
+        patch_size=m.patch_size,
+        img_size=c.aug.global_size,
+        drop_path_rate=m.drop_path_rate,
+        dtype=compute,
+        param_dtype=params,
+        attention_impl=attention_implementation(m.attention, compute),
+        **backbone_kwargs(m),
+    )
+    head = DINOHead(
+        out_dim=m.out_dim,
+        use_bn=m.use_bn_in_head,
+        nlayers=m.head_nlayers,
+        hidden_dim=m.head_hidden_dim,
+        bottleneck_dim=m.head_bottleneck_dim,
+        dtype=compute,
+        param_dtype=params,
+    )
+    return MultiCropNetwork(backbone=backbone, head=head)
+
+
+def build_schedules(c: ml_collections.ConfigDict, steps_per_epoch: int) -> Schedules:
+    o, d = c.optim, c.dino
+    return Schedules(
+        steps_per_epoch=steps_per_epoch,
+        epochs=o.epochs,
+        base_lr=o.lr * o.batch_size / 256.0,  # linear scaling rule
+        min_lr=o.min_lr,
+        warmup_epochs=o.warmup_epochs,
+        weight_decay=o.weight_decay,
+        weight_decay_end=o.weight_decay_end,
+        momentum_teacher=d.momentum_teacher,
+        teacher_temp=d.teacher_temp,
+        warmup_teacher_temp=d.warmup_teacher_temp,
+        warmup_teacher_temp_epochs=d.warmup_teacher_temp_epochs,
+        freeze_last_layer=o.freeze_last_layer,
+    )
+
+
+def build_optimizer(c: ml_collections.ConfigDict, schedules: Schedules):
+    return dino_optimizer(
+        schedules, clip_grad=c.optim.clip_grad, norm_last_layer=c.model.norm_last_layer
+    )

@@ -1,0 +1,319 @@
+"""The training loop: data, restore or init, compile once, step, log, checkpoint, evaluate."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import signal
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dino_jax import parallel, recipe
+from dino_jax.checkpoint import Checkpointer, CheckpointError, check_resume_config, flatten_config
+from dino_jax.config import validate
+from dino_jax.data import pipeline
+from dino_jax.data.augment import MultiCropConfig
+from dino_jax.data.decode import SkipLog
+from dino_jax.metrics_log import MetricLogger
+from dino_jax.state import TrainState, create_state
+from dino_jax.train_step import DinoHParams, train_step
+
+_LOG = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient; the last good checkpoint is untouched."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    status: str  # "finished" | "preempted" | "max_steps"
+    steps_per_epoch: int
+    metrics: dict[str, float]
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything static about a run, built once from the config before any compute."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    data: pipeline.TrainData
+    hp: DinoHParams
+    aug: MultiCropConfig
+    abstract_state: Any
+    state_sharding: Any
+    skips: SkipLog
+
+
+def build_run(
+    config: ml_collections.ConfigDict,
+    start_step: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Run:
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    validate(config, mesh.size, jax.process_count())
+    skips = SkipLog()
+    data = pipeline.train_data(
+        config.data, config.optim.batch_size, start_step=start_step, skips=skips
+    )
+    schedules = recipe.build_schedules(config, data.steps_per_epoch)
+    model = recipe.build_network(config)
+    hp = DinoHParams(
+        model=model,
+        tx=recipe.build_optimizer(config, schedules),
+        schedules=schedules,
+        student_temp=config.dino.student_temp,
+        center_momentum=config.dino.center_momentum,
+    )
+    aug = MultiCropConfig.from_config(config.aug)
+    abstract_state = jax.eval_shape(functools.partial(init_state, config, hp), jax.random.key(0))
+    shardings = parallel.state_shardings(abstract_state, mesh, config.train.fsdp)
+    return Run(config, mesh, data, hp, aug, abstract_state, shardings, skips)
+
+
+def sample_crops(config: ml_collections.ConfigDict, batch: int = 2) -> tuple[jax.Array, ...]:
+    a = config.aug
+    dtype = jnp.dtype(config.model.compute_dtype)
+    crops = [jnp.zeros((batch, a.n_global, a.global_size, a.global_size, 3), dtype)]
+    if a.n_local:
+        crops.append(jnp.zeros((batch, a.n_local, a.local_size, a.local_size, 3), dtype))
+    return tuple(crops)
+
+
+def init_state(config: ml_collections.ConfigDict, hp: DinoHParams, key: jax.Array) -> TrainState:
+    variables = hp.model.init({"params": key}, sample_crops(config))
+    return create_state(variables["params"], hp.tx, config.model.out_dim)
+
+
+def initial_state(run: Run) -> TrainState:
+    """A fresh sharded state, or one started from an official checkpoint (init_from)."""
+    key = jax.random.key(run.config.seed)
+    init = jax.jit(
+        functools.partial(init_state, run.config, run.hp), out_shardings=run.state_sharding
+    )
+    state = init(key)
+    if run.config.init_from:
+        state = start_from_official(run, state)
+    return state
+
+
+def start_from_official(run: Run, state: TrainState) -> TrainState:
+    from dino_jax.interop.official import load_official
+
+    ckpt = load_official(run.config.init_from)
+    teacher = ckpt.teacher
+    student = ckpt.student if ckpt.student is not None else teacher
+    if "head" not in teacher:  # backbone-only weights: keep our freshly initialised head
+        teacher = {"backbone": teacher["backbone"], "head": state.teacher["head"]}
+        student = {"backbone": student["backbone"], "head": state.student["head"]}
+
+    def place(ours, theirs, what):
+        ours_shapes = jax.tree.map(jnp.shape, ours)
+        theirs_shapes = jax.tree.map(np.shape, theirs)
+        if ours_shapes != theirs_shapes:
+            raise CheckpointError(
+                f"init_from={run.config.init_from}: its {what} does not fit the configured"
+                " model (compare model.arch / patch_size / out_dim / head settings with the"
+                " checkpoint's)"
+            )
+        return jax.tree.map(
+            lambda x, y: jax.device_put(np.asarray(y, x.dtype), x.sharding), ours, theirs
+        )
+
+    student = place(state.student, student, "student")
+    state = state.replace(
+        student=student,
+        teacher=place(state.teacher, teacher, "teacher"),
+        opt_state=run.hp.tx.init(student),
+    )
+    if ckpt.center is not None and ckpt.center.shape == state.center.shape:
+        state = state.replace(center=jax.device_put(ckpt.center, state.center.sharding))
+    return state
+
+
+def compile_step(run: Run):
+    """The jitted step: state donated and sharded, batch split on its first axis."""
+    step = functools.partial(
+        train_step,
+        hp=run.hp,
+        aug=run.aug,
+        compute_dtype=jnp.dtype(run.config.model.compute_dtype),
+        skip_nonfinite=run.config.train.skip_nonfinite_steps > 0,
+    )
+    batch_sharding = parallel.batch_sharding(run.mesh)
+    return jax.jit(
+        step,
+        in_shardings=(run.state_sharding, batch_sharding, parallel.replicated(run.mesh)),
+        out_shardings=(run.state_sharding, parallel.replicated(run.mesh)),
+        donate_argnums=(0,),
+    )
+
+
+class Preemption:
+    """Turns SIGTERM (a scheduler's preemption notice) into a flag the loop checks."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def restore_or_init(run: Run, ckpt: Checkpointer, config) -> TrainState:
+    latest = ckpt.latest_step()
+    if latest is None:
+        return initial_state(run)
+    meta = ckpt.read_meta(latest)
+    for key, old, new in check_resume_config(meta.get("config", {}), config):
+        _LOG.warning("resuming with %s changed: %r -> %r", key, old, new)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        run.abstract_state,
+        run.state_sharding,
+    )
+    state = ckpt.restore(latest, abstract)
+    _LOG.info("resumed from step %d in %s", latest, ckpt.directory)
+    return state
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+    """Train (or resume) the configured run in `workdir`; see README for the layout."""
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    run = build_run(config, start_step=start)
+    state = restore_or_init(run, ckpt, config)
+    if int(jax.device_get(state.step)) != start:
+        raise CheckpointError(f"restored step {int(state.step)} but expected {start}")
+    spe = run.data.steps_per_epoch
+    total = config.optim.epochs * spe
+    last = total if config.train.max_steps is None else min(total, config.train.max_steps)
+    meta = {"config": flatten_config(config), "steps_per_epoch": spe}
+    logger = MetricLogger(
+        workdir,
+        total_steps=last,
+        start_step=start,
+        images_per_step=config.optim.batch_size,
+        log_every=config.train.log_every_steps,
+        progress_bar=config.train.progress_bar,
+    )
+    step_fn = compile_step(run)
+    base_key = jax.random.key(config.seed)
+    evaluator = _evaluator(config, run, workdir)
+    status, metrics = "finished", {}
+    pending: tuple[int, Any] | None = None  # (step, device metrics) fetched one step late
+    bad_in_a_row = 0
+
+    def settle() -> dict[str, float]:
+        """Fetch the pending metrics; stop on a non-finite loss before anything is saved."""
+        nonlocal pending, bad_in_a_row
+        if pending is None:
+            return {}
+        step, device_metrics = pending
+        pending = None
+        values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        if values.get("train/skipped", 0.0) > 0:
+            bad_in_a_row += 1
+            if bad_in_a_row > config.train.skip_nonfinite_steps:
+                raise NonFiniteLossError(_nonfinite_message(step, values, ckpt))
+            _LOG.warning("non-finite loss at step %d: update skipped", step)
+        elif not all(math.isfinite(values[k]) for k in ("train/loss", "train/grad_norm")):
+            raise NonFiniteLossError(_nonfinite_message(step, values, ckpt))
+        else:
+            bad_in_a_row = 0
+        logger.train(step + 1, values, skips=run.skips)
+        return values
+
+    with Preemption() as preemption:
+        batches = pipeline.device_batches(iter(run.data), run.mesh, config.data.prefetch)
+        try:
+            for step in range(start, last):
+                state, device_metrics = step_fn(state, next(batches), base_key)
+                # the previous step's metrics, fetched while this step runs: no host sync
+                metrics = settle() or metrics
+                pending = (step, device_metrics)
+                done = step + 1
+                if preemption.requested or done % config.train.checkpoint_every_steps == 0:
+                    metrics = settle() or metrics
+                    ckpt.save(state, {**meta, "step": done})
+                if preemption.requested:
+                    status = "preempted"
+                    break
+                if evaluator and done % spe == 0 and evaluator.due(done // spe):
+                    metrics = settle() or metrics
+                    logger.record(done, evaluator(state, done // spe))
+            metrics = settle() or metrics
+            if status != "preempted":
+                status = "finished" if last == total else "max_steps"
+                ckpt.save(state, {**meta, "step": last}, force=True)
+            ckpt.wait()
+            if status == "finished" and evaluator:
+                final = evaluator(state, config.optim.epochs, final=True)
+                logger.record(last, final)
+                metrics.update(final)
+        finally:
+            ckpt.wait()
+            logger.close()
+    return TrainResult(state=state, status=status, steps_per_epoch=spe, metrics=metrics)
+
+
+def _nonfinite_message(step: int, values: dict[str, float], ckpt: Checkpointer) -> str:
+    latest = ckpt.latest_step()
+    where = (
+        f"the last good checkpoint is step {latest} in {ckpt.directory} (intact)"
+        if latest is not None
+        else "no checkpoint was written yet"
+    )
+    return (
+        f"non-finite loss at step {step} (loss {values.get('train/loss')}, grad norm"
+        f" {values.get('train/grad_norm')}); training stopped and nothing was saved after it;"
+        f" {where}. Lower optim.lr, check the data, or set train.skip_nonfinite_steps."
+    )
+
+
+class Evaluator:
+    """k-NN of the teacher backbone every `eval.knn_every_epochs` epochs and at the end;
+    attention maps of a few held-out images at the end."""
+
+    def __init__(self, config, run: Run, workdir: str):
+        self.config, self.run, self.workdir = config, run, workdir
+
+    def due(self, epoch: int) -> bool:
+        every = self.config.eval.knn_every_epochs
+        return bool(every) and epoch % every == 0 and epoch < self.config.optim.epochs
+
+    def __call__(self, state: TrainState, epoch: int, final: bool = False) -> dict[str, float]:
+        from dino_jax.evaluate.knn_eval import knn_evaluation
+
+        backbone = self.run.hp.model.backbone
+        params = {"params": state.teacher["backbone"]}
+        metrics = knn_evaluation(self.config, backbone, params, self.run.mesh)
+        metrics["epoch"] = float(epoch)
+        if final and self.config.eval.attention_images:
+            from dino_jax.evaluate.attention import save_demo_attention
+
+            save_demo_attention(self.config, backbone, params, self.workdir)
+        return metrics
+
+
+def _evaluator(config, run: Run, workdir: str) -> Evaluator | None:
+    if not config.data.eval_test_split:
+        return None
+    return Evaluator(config, run, workdir)

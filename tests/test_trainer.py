@@ -1,0 +1,120 @@
+"""The training loop: sharding, compilation, resume and preemption (tiny config, CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from tiny import tiny_config
+
+from dino_jax import parallel
+from dino_jax.data.pipeline import to_global
+from dino_jax.trainer import build_run, compile_step, initial_state, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def leaves(state):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
+
+
+def assert_states_equal(a, b, **tol):
+    la, lb = leaves(a), leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        if tol:
+            np.testing.assert_allclose(x, y, **tol)
+        else:
+            np.testing.assert_array_equal(x, y)
+
+
+def test_sharded_step_equals_single_device_and_compiles_once():
+    config = tiny_config()
+    runs = {n: build_run(config, mesh=parallel.make_mesh(jax.devices()[:n])) for n in (8, 1)}
+    batches = [b for _, b in zip(range(3), iter(runs[8].data), strict=False)]
+    finals = {}
+    for n, run in runs.items():
+        state, step = initial_state(run), compile_step(run)
+        for batch in batches:
+            state, _ = step(state, to_global(batch, run.mesh), jax.random.key(0))
+        assert step._cache_size() == 1  # one compilation for every step
+        finals[n] = state
+    student = finals[8].student["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"]
+    assert len(student.sharding.device_set) == 8
+    assert_states_equal(finals[8], finals[1], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    straight = train(tiny_config(**{"train.max_steps": 7}), str(tmp_path / "a"))
+    first = train(tiny_config(**{"train.max_steps": 4}), str(tmp_path / "b"))
+    assert first.status == "max_steps" and int(first.state.step) == 4
+    resumed = train(tiny_config(**{"train.max_steps": 7}), str(tmp_path / "b"))
+    assert int(resumed.state.step) == 7
+    assert_states_equal(straight.state, resumed.state)
+
+
+def test_second_run_resumes_instead_of_restarting(tmp_path):
+    config = tiny_config(**{"train.max_steps": 3})
+    train(config, str(tmp_path))
+    again = train(config, str(tmp_path))
+    assert int(again.state.step) == 3
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # nothing trained twice
+
+
+WORKER = """
+import sys
+sys.path.insert(0, {tests!r})
+from tiny import tiny_config
+from dino_jax.trainer import train
+config = tiny_config(**{{"train.max_steps": {steps}, "train.checkpoint_every_steps": 5}})
+result = train(config, {workdir!r})
+print("STATUS", result.status, int(result.state.step), flush=True)
+"""
+
+
+def launch(workdir, steps):
+    code = WORKER.format(tests=os.path.join(ROOT, "tests"), steps=steps, workdir=str(workdir))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_checkpoint(workdir, proc, min_step=5, timeout=240):
+    start = time.time()
+    ckpts = os.path.join(workdir, "checkpoints")
+    while time.time() - start < timeout:
+        done = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
+        if any(s >= min_step for s in done):
+            return
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_run_resumes_to_the_same_state(tmp_path, sig):
+    total = 400
+    proc = launch(tmp_path / "run", total)
+    wait_for_checkpoint(tmp_path / "run", proc)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 0, out  # preemption: save and exit cleanly
+        assert "STATUS preempted" in out
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    stopped = max(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
+    assert stopped < total
+    config = tiny_config(**{"train.max_steps": stopped + 4})
+    resumed = train(config, str(tmp_path / "run"))
+    straight = train(config, str(tmp_path / "straight"))
+    assert int(resumed.state.step) == stopped + 4
+    assert_states_equal(straight.state, resumed.state)

@@ -1,0 +1,40 @@
+"""A tiny but complete configuration (bundled demo data) for fast end-to-end tests."""
+
+from dino_jax.config import default_config
+
+
+def tiny_config(**overrides):
+    c = default_config()
+    c.model.arch = "custom"
+    c.model.embed_dim = 16
+    c.model.depth = 1
+    c.model.num_heads = 2
+    c.model.patch_size = 4
+    c.model.out_dim = 64
+    c.model.head_hidden_dim = 32
+    c.model.head_bottleneck_dim = 16
+    c.model.compute_dtype = "float32"
+    c.model.drop_path_rate = 0.1
+    c.optim.batch_size = 16
+    c.optim.epochs = 2
+    c.optim.warmup_epochs = 1
+    c.aug.global_size = 16
+    c.aug.local_size = 8
+    c.aug.n_local = 2
+    c.data.source = "demo"
+    c.data.split = "test"  # 2,000 images: 125 steps per epoch at batch 16
+    c.data.canvas_size = 28
+    c.data.eval_train_split = ""
+    c.data.eval_test_split = ""
+    c.train.log_every_steps = 2
+    c.train.checkpoint_every_steps = 3
+    c.train.progress_bar = False
+    c.eval.resize = 16
+    c.eval.crop = 16
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return c
