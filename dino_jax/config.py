@@ -42,7 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
     # official code used fp16 autocast; "float32" reproduces its fp32 runs.
     c.model.compute_dtype = "bfloat16"
     c.model.param_dtype = "float32"
-    c.model.attention = "auto"  # auto (cuDNN fused on GPUs with bf16/fp16) | xla | cudnn
+    c.model.attention = "auto"  # auto (= xla) | xla | cudnn (see recipe.attention_implementation)
 
     c.dino = ml_collections.ConfigDict()
     c.dino.student_temp = 0.1
