@@ -53,6 +53,6 @@ def get_config():
 
     c.eval.resize = 32
     c.eval.crop = 32
-    c.eval.batch_size = 500
+    c.eval.batch_size = 512
     c.eval.attention_images = 4
     return c

@@ -230,6 +230,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
             f"eval.crop={c.eval.crop} is not a multiple of model.patch_size={m.patch_size}",
         )
     _positive_int(check, "eval.batch_size", c.eval.batch_size)
+    if isinstance(c.eval.batch_size, int) and c.eval.batch_size > 0:
+        check(
+            c.eval.batch_size % num_devices == 0,
+            f"eval.batch_size={c.eval.batch_size} is not divisible by the {num_devices} devices:"
+            f" use a multiple of {num_devices}",
+        )
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
