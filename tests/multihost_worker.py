@@ -1,0 +1,51 @@
+"""One process of a multi-process training run on CPU (see test_multihost.py).
+
+usage: python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz
+Each process feeds its own rows of a fixed global batch; process 0 saves the final state.
+"""
+
+import os
+import sys
+
+process_id, num_processes, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // num_processes}"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+if num_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes, process_id)
+
+from tiny import tiny_config  # noqa: E402
+
+from dino_jax.data.pipeline import to_global  # noqa: E402
+from dino_jax.trainer import build_run, compile_step, initial_state  # noqa: E402
+
+STEPS, BATCH = 3, 16
+
+
+def global_batches():
+    rng = np.random.default_rng(0)
+    for _ in range(STEPS):
+        yield {
+            "image": rng.integers(0, 256, (BATCH, 28, 28, 3), dtype=np.uint8),
+            "size": rng.integers(16, 29, (BATCH, 2)).astype(np.int32),
+            "label": np.zeros(BATCH, np.int32),
+        }
+
+
+run = build_run(tiny_config(**{"optim.batch_size": BATCH}))
+assert run.mesh.size == 8 and jax.process_count() == num_processes
+state, step = initial_state(run), compile_step(run)
+rows = slice(process_id * BATCH // num_processes, (process_id + 1) * BATCH // num_processes)
+for batch in global_batches():
+    local = {key: value[rows] for key, value in batch.items()}
+    state, metrics = step(state, to_global(local, run.mesh), jax.random.key(0))
+leaves = jax.tree.leaves(state)
+if process_id == 0:
+    # the state is replicated: every process holds all of it
+    arrays = [np.asarray(x.addressable_shards[0].data) for x in leaves]
+    np.savez(out, *arrays, loss=np.asarray(metrics["train/loss"].addressable_shards[0].data))
+print("done", process_id, flush=True)

@@ -1,0 +1,45 @@
+"""Two processes (jax.distributed on localhost, 4 CPU devices each) train like one process."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launch(num_processes: int, out) -> None:
+    port = str(free_port())
+    root = os.path.dirname(os.path.dirname(WORKER))
+    env = {**os.environ, "PYTHONPATH": root}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, str(i), str(num_processes), port, str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(num_processes)
+    ]
+    for proc in procs:
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output[-3000:]
+
+
+def test_two_processes_match_one(tmp_path):
+    launch(2, tmp_path / "two.npz")
+    launch(1, tmp_path / "one.npz")
+    two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
+    assert sorted(two.files) == sorted(one.files) and len(one.files) > 50
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-6)
+    for key in one.files:
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
