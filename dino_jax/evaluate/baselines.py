@@ -1,0 +1,64 @@
+"""Reference points for a k-NN figure: the same network at its random initialisation, and
+raw pixels (the eval transform's normalised crop, flattened) on the same splits."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dino_jax import parallel
+from dino_jax.data.pipeline import eval_data
+from dino_jax.evaluate.features import eval_transform, extract
+from dino_jax.evaluate.knn import knn_classify, normalize
+from dino_jax.evaluate.knn_eval import HEADLINE_K, knn_evaluation
+
+
+def random_init_knn(config: ml_collections.ConfigDict, model, mesh) -> dict[str, float]:
+    """k-NN of the teacher backbone as initialised from `config.seed` (before any step):
+    the training run's own initial parameters, recreated from the seed."""
+    from dino_jax.trainer import sample_crops
+
+    variables = jax.jit(lambda key: model.init({"params": key}, sample_crops(config)))(
+        jax.random.key(config.seed)
+    )
+    params = {"params": variables["params"]["backbone"]}
+    return knn_evaluation(config, model.backbone, params, mesh)
+
+
+def pixel_knn(config: ml_collections.ConfigDict, mesh) -> dict[str, float]:
+    """k-NN on raw pixels: each eval crop normalised and flattened, then L2-normalised."""
+    transform = functools.partial(
+        eval_transform,
+        resize=config.eval.resize,
+        crop=config.eval.crop,
+        mean=tuple(config.aug.mean),
+        std=tuple(config.aug.std),
+        dtype=jnp.float32,
+    )
+    data = parallel.batch_sharding(mesh)
+
+    @functools.partial(jax.jit, in_shardings=(None, data), out_shardings=data)
+    def pixels(_, batch):
+        images = transform(batch["image"], batch["size"])
+        return images.reshape(images.shape[0], -1)
+
+    def split(name):
+        return extract(pixels, None, eval_data(config.data, name, config.eval.batch_size), mesh)
+
+    train_x, train_y = split(config.data.eval_train_split)
+    test_x, test_y = split(config.data.eval_test_split)
+    result = knn_classify(
+        normalize(train_x),
+        train_y,
+        normalize(test_x),
+        test_y,
+        ks=tuple(config.eval.knn_ks),
+        temperature=config.eval.knn_temperature,
+        mesh=mesh,
+        per_sample=False,
+    )
+    k = HEADLINE_K if HEADLINE_K in result.per_k else min(result.per_k)
+    return {"knn/top1": result.per_k[k].top1, "knn/top5": result.per_k[k].top5}
