@@ -202,36 +202,22 @@ def _cached_features(config, backbone, variables, mesh, split, features_dir, ide
 
 def run_knn(args, config, backbone, variables, info, mesh) -> dict[str, Any]:
     """The protocol of knn_eval.knn_evaluation, with optional feature caching."""
-    from dino_jax.evaluate.knn import knn_classify, normalize
-    from dino_jax.evaluate.knn_eval import HEADLINE_K
+    from dino_jax.evaluate.knn_eval import knn_metrics
 
     start = time.perf_counter()
-    split = {"train": config.data.eval_train_split, "test": config.data.eval_test_split}
     identity = info.describe()
-    train_x, train_y = _cached_features(
-        config, backbone, variables, mesh, split["train"], args.features_dir, identity
+    train, test = (
+        _cached_features(config, backbone, variables, mesh, split, args.features_dir, identity)
+        for split in (config.data.eval_train_split, config.data.eval_test_split)
     )
-    limit = config.eval.knn_max_train
-    if limit and len(train_x) > limit:
-        train_x, train_y = train_x[:limit], train_y[:limit]
-    test_x, test_y = _cached_features(
-        config, backbone, variables, mesh, split["test"], args.features_dir, identity
-    )
-    result = knn_classify(
-        normalize(train_x),
-        train_y,
-        normalize(test_x),
-        test_y,
-        ks=tuple(config.eval.knn_ks),
-        temperature=config.eval.knn_temperature,
-        mesh=mesh,
-        per_sample=False,
-    )
-    metrics = result.metrics()
-    k = HEADLINE_K if HEADLINE_K in result.per_k else min(result.per_k)
-    metrics.update({"knn/top1": result.per_k[k].top1, "knn/top5": result.per_k[k].top5})
+    metrics = knn_metrics(config, train, test, mesh)
     metrics["knn/seconds"] = time.perf_counter() - start
-    return {**identity, "bank": len(train_y), "queries": len(test_y), "metrics": metrics}
+    bank = (
+        len(train[1])
+        if not config.eval.knn_max_train
+        else min(len(train[1]), config.eval.knn_max_train)
+    )
+    return {**identity, "bank": bank, "queries": len(test[1]), "metrics": metrics}
 
 
 def run_linear(args, config, lin, backbone, variables, info, mesh) -> dict[str, Any]:

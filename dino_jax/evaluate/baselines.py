@@ -12,8 +12,7 @@ import ml_collections
 from dino_jax import parallel
 from dino_jax.data.pipeline import eval_data
 from dino_jax.evaluate.features import eval_transform, extract
-from dino_jax.evaluate.knn import knn_classify, normalize
-from dino_jax.evaluate.knn_eval import HEADLINE_K, knn_evaluation
+from dino_jax.evaluate.knn_eval import knn_evaluation, knn_metrics
 
 
 def random_init_knn(config: ml_collections.ConfigDict, model, mesh) -> dict[str, float]:
@@ -48,17 +47,5 @@ def pixel_knn(config: ml_collections.ConfigDict, mesh) -> dict[str, float]:
     def split(name):
         return extract(pixels, None, eval_data(config.data, name, config.eval.batch_size), mesh)
 
-    train_x, train_y = split(config.data.eval_train_split)
-    test_x, test_y = split(config.data.eval_test_split)
-    result = knn_classify(
-        normalize(train_x),
-        train_y,
-        normalize(test_x),
-        test_y,
-        ks=tuple(config.eval.knn_ks),
-        temperature=config.eval.knn_temperature,
-        mesh=mesh,
-        per_sample=False,
-    )
-    k = HEADLINE_K if HEADLINE_K in result.per_k else min(result.per_k)
-    return {"knn/top1": result.per_k[k].top1, "knn/top5": result.per_k[k].top5}
+    train, test = split(config.data.eval_train_split), split(config.data.eval_test_split)
+    return knn_metrics(config, train, test, mesh)

@@ -37,20 +37,13 @@ def split_features(
     return extract(fn, params, batches, mesh)
 
 
-def knn_evaluation(
-    config: ml_collections.ConfigDict,
-    backbone: VisionTransformer,
-    params,
-    mesh: jax.sharding.Mesh,
-) -> dict[str, float]:
-    """Weighted k-NN top-1/top-5 of `backbone` features: bank = eval_train_split, queries =
-    eval_test_split. `knn/top1` is the k = 20 figure (the official headline)."""
-    start = time.perf_counter()
-    train_x, train_y = split_features(config, backbone, params, mesh, config.data.eval_train_split)
+def knn_metrics(config: ml_collections.ConfigDict, train, test, mesh) -> dict[str, float]:
+    """The configured weighted k-NN on (features, labels) pairs: `knn/top1_k<k>`,
+    `knn/top5_k<k>` for every k, and `knn/top1`, `knn/top5` at k = 20 (official headline)."""
+    (train_x, train_y), (test_x, test_y) = train, test
     limit = config.eval.knn_max_train
     if limit and len(train_x) > limit:
         train_x, train_y = train_x[:limit], train_y[:limit]
-    test_x, test_y = split_features(config, backbone, params, mesh, config.data.eval_test_split)
     result = knn_classify(
         normalize(train_x),
         train_y,
@@ -65,7 +58,6 @@ def knn_evaluation(
     k = HEADLINE_K if HEADLINE_K in result.per_k else min(result.per_k)
     metrics["knn/top1"] = result.per_k[k].top1
     metrics["knn/top5"] = result.per_k[k].top5
-    metrics["knn/seconds"] = time.perf_counter() - start
     _LOG.info(
         "k-NN (k=%d) top-1 %.2f top-5 %.2f on %d queries, bank %d",
         k,
@@ -74,4 +66,19 @@ def knn_evaluation(
         len(test_x),
         len(train_x),
     )
+    return metrics
+
+
+def knn_evaluation(
+    config: ml_collections.ConfigDict,
+    backbone: VisionTransformer,
+    params,
+    mesh: jax.sharding.Mesh,
+) -> dict[str, float]:
+    """k-NN of `backbone` features: bank = eval_train_split, queries = eval_test_split."""
+    start = time.perf_counter()
+    splits = (config.data.eval_train_split, config.data.eval_test_split)
+    train, test = (split_features(config, backbone, params, mesh, s) for s in splits)
+    metrics = knn_metrics(config, train, test, mesh)
+    metrics["knn/seconds"] = time.perf_counter() - start
     return metrics
