@@ -7,9 +7,9 @@ import subprocess
 import sys
 import tomllib
 
-import ml_collections
 import numpy as np
 import pytest
+from tiny import data_config as shared_data_config
 
 from dino_jax.data import pipeline
 from dino_jax.data.sources import DataError
@@ -19,23 +19,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 DEBIAN_IDX = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
 
-def data_config(**overrides) -> ml_collections.ConfigDict:
-    config = dict(
-        source="demo",
-        split="train",
-        eval_train_split="train",
-        eval_test_split="test",
-        tfds_name="",
-        data_dir="",
-        manual_dir="",
-        canvas_size=32,
-        seed=0,
-        shuffle_buffer=100,
-        num_parallel_calls=2,
-        synthetic_examples=1000,
-        synthetic_classes=7,
-    )
-    return ml_collections.ConfigDict({**config, **overrides})
+def data_config(**overrides):
+    return shared_data_config(**{"synthetic_examples": 1000, "synthetic_classes": 7, **overrides})
 
 
 def write_idx(path: pathlib.Path, array: np.ndarray) -> None:

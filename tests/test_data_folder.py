@@ -5,10 +5,10 @@ import os
 import struct
 import zlib
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
+from tiny import data_config as shared_data_config
 
 from dino_jax.data import pipeline
 from dino_jax.data.decode import SkipLog, decode_image, reason_kind, to_canvas
@@ -19,23 +19,9 @@ CANVAS = 64
 RNG = np.random.default_rng(0)
 
 
-def data_config(data_dir, **overrides) -> ml_collections.ConfigDict:
-    config = dict(
-        source="folder",
-        split="train",
-        eval_train_split="train",
-        eval_test_split="train",
-        tfds_name="",
-        data_dir=str(data_dir),
-        manual_dir="",
-        canvas_size=CANVAS,
-        seed=0,
-        shuffle_buffer=100,
-        num_parallel_calls=2,
-        synthetic_examples=0,
-        synthetic_classes=0,
-    )
-    return ml_collections.ConfigDict({**config, **overrides})
+def data_config(data_dir, **overrides):
+    folder = {"source": "folder", "data_dir": str(data_dir), "eval_test_split": "train"}
+    return shared_data_config(**{**folder, "canvas_size": CANVAS, **overrides})
 
 
 def save(path, image: Image.Image, fmt: str, **kw) -> None:

@@ -3,33 +3,18 @@
 import itertools
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
+from tiny import data_config as shared_data_config
 
 from dino_jax.data import decode as decode_module
 from dino_jax.data import pipeline
 from dino_jax.data.sources.demo import DEMO_FILE
 
 
-def data_config(**overrides) -> ml_collections.ConfigDict:
-    config = dict(
-        source="demo",
-        split="test",
-        eval_train_split="train",
-        eval_test_split="test",
-        tfds_name="",
-        data_dir="",
-        manual_dir="",
-        canvas_size=32,
-        seed=0,
-        shuffle_buffer=100,
-        num_parallel_calls=2,
-        synthetic_examples=0,
-        synthetic_classes=0,
-    )
-    return ml_collections.ConfigDict({**config, **overrides})
+def data_config(**overrides):
+    return shared_data_config(**{"split": "test", **overrides})
 
 
 def take(data, n: int) -> list:

@@ -9,33 +9,14 @@ import subprocess
 import sys
 import textwrap
 
-import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec
+from tiny import data_config
 
 from dino_jax.data import pipeline
 from dino_jax.parallel import make_mesh
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-def data_config(**overrides) -> ml_collections.ConfigDict:
-    config = dict(
-        source="demo",
-        split="train",
-        eval_train_split="train",
-        eval_test_split="test",
-        tfds_name="",
-        data_dir="",
-        manual_dir="",
-        canvas_size=32,
-        seed=0,
-        shuffle_buffer=100,
-        num_parallel_calls=2,
-        synthetic_examples=0,
-        synthetic_classes=0,
-    )
-    return ml_collections.ConfigDict({**config, **overrides})
 
 
 def test_global_batch_is_sharded_on_axis_0_over_8_devices():

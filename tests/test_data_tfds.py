@@ -3,9 +3,9 @@
 import io
 import itertools
 
-import ml_collections
 import numpy as np
 import pytest
+from tiny import data_config as shared_data_config
 
 from dino_jax.data import pipeline
 from dino_jax.data.decode import SkipLog
@@ -76,23 +76,9 @@ def data_dirs(tmp_path_factory):
     return dirs
 
 
-def data_config(data_dir, **overrides) -> ml_collections.ConfigDict:
-    config = dict(
-        source="tfds",
-        split="train",
-        eval_train_split="train",
-        eval_test_split="test",
-        tfds_name=NAME,
-        data_dir=data_dir,
-        manual_dir="",
-        canvas_size=16,
-        seed=0,
-        shuffle_buffer=8,
-        num_parallel_calls=2,
-        synthetic_examples=0,
-        synthetic_classes=0,
-    )
-    return ml_collections.ConfigDict({**config, **overrides})
+def data_config(data_dir, **overrides):
+    tfds = {"source": "tfds", "tfds_name": NAME, "data_dir": data_dir, "canvas_size": 16}
+    return shared_data_config(**{**tfds, "shuffle_buffer": 8, **overrides})
 
 
 def ids(batch) -> list[int]:

@@ -38,3 +38,20 @@ def tiny_config(**overrides):
             node = node[part]
         node[leaf] = value
     return c
+
+
+def data_config(**overrides):
+    """`config.data` for pipeline tests: the real key set, small and quick settings."""
+    d = default_config().data
+    d.source = "demo"
+    d.split = "train"
+    d.eval_train_split = "train"
+    d.eval_test_split = "test"
+    d.tfds_name = ""
+    d.canvas_size = 32
+    d.shuffle_buffer = 100
+    d.num_parallel_calls = 2
+    d.synthetic_examples = 0
+    d.synthetic_classes = 0
+    d.update(overrides)
+    return d
