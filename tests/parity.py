@@ -24,3 +24,23 @@ def max_rel_err(ours, ref) -> float:
 
 def nchw_to_nhwc(x):
     return np.asarray(x).transpose(0, 2, 3, 1)
+
+
+def train_steps_schedules():
+    """The schedules of the official run recorded in train_steps.npz (see its README)."""
+    from dino_jax.schedules import Schedules
+
+    return Schedules(
+        steps_per_epoch=2,
+        epochs=10,
+        base_lr=0.0005 * 4 / 256,
+        min_lr=1e-6,
+        warmup_epochs=1,
+        weight_decay=0.04,
+        weight_decay_end=0.4,
+        momentum_teacher=0.996,
+        teacher_temp=0.07,
+        warmup_teacher_temp=0.04,
+        warmup_teacher_temp_epochs=3,
+        freeze_last_layer=1,
+    )

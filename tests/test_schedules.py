@@ -2,9 +2,10 @@
 
 import jax
 import numpy as np
+import parity
 import pytest
 
-from dino_jax.schedules import Schedules, cosine_schedule, warmup_constant_schedule
+from dino_jax.schedules import cosine_schedule, warmup_constant_schedule
 
 
 def _eval(fn, n):
@@ -32,20 +33,7 @@ def test_teacher_temperature_matches_official(fixtures_dir):
 
 @pytest.fixture
 def train_steps_schedules():
-    return Schedules(
-        steps_per_epoch=2,
-        epochs=10,
-        base_lr=0.0005 * 4 / 256,
-        min_lr=1e-6,
-        warmup_epochs=1,
-        weight_decay=0.04,
-        weight_decay_end=0.4,
-        momentum_teacher=0.996,
-        teacher_temp=0.07,
-        warmup_teacher_temp=0.04,
-        warmup_teacher_temp_epochs=3,
-        freeze_last_layer=1,
-    )
+    return parity.train_steps_schedules()
 
 
 def test_bound_schedules_match_training_run(fixtures_dir, train_steps_schedules):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from parity import nchw_to_nhwc
+from parity import nchw_to_nhwc, train_steps_schedules
 
 from dino_jax.interop.state_dict import from_state_dict, to_state_dict
 from dino_jax.models import DINOHead, MultiCropNetwork, VisionTransformer
@@ -26,20 +26,7 @@ def official_setup(data, **optimizer_kw):
         ),
         head=DINOHead(out_dim=128, hidden_dim=64, bottleneck_dim=32),
     )
-    schedules = Schedules(
-        steps_per_epoch=2,
-        epochs=10,
-        base_lr=0.0005 * 4 / 256,
-        min_lr=1e-6,
-        warmup_epochs=1,
-        weight_decay=0.04,
-        weight_decay_end=0.4,
-        momentum_teacher=0.996,
-        teacher_temp=0.07,
-        warmup_teacher_temp=0.04,
-        warmup_teacher_temp_epochs=3,
-        freeze_last_layer=1,
-    )
+    schedules = train_steps_schedules()
     tx = dino_optimizer(schedules, clip_grad=3.0, norm_last_layer=True, **optimizer_kw)
     hp = DinoHParams(model=model, tx=tx, schedules=schedules)
 
