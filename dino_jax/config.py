@@ -6,6 +6,10 @@ config with every problem listed before anything is compiled or read.
 
 from __future__ import annotations
 
+import difflib
+import math
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -120,12 +124,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.crop = 224
     c.eval.batch_size = 256
     c.eval.attention_images = 0  # attention-map PNGs written at the end of training
+    # At the end, also k-NN of the same network at its random init and of raw pixels.
+    c.eval.report_baselines = False
     return c
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
     """Raise ConfigError listing every invalid value of `c`, with what to do about it."""
-    errors: list[str] = []
+    errors = schema_errors(c)
+    if errors:  # the value checks below assume every key is there with its declared type
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
     def check(ok: bool, message: str) -> None:
         if not ok:
@@ -207,6 +215,19 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
     )
     if c.data.source == "folder":
         check(bool(c.data.data_dir), "data.data_dir is empty: give the image folder to train on")
+        check(
+            not c.data.data_dir or os.path.isdir(os.path.expanduser(c.data.data_dir)),
+            f"data.data_dir={c.data.data_dir!r} is not a directory: give the image folder",
+        )
+    if c.data.source == "synthetic":
+        _positive_int(check, "data.synthetic_examples", c.data.synthetic_examples)
+        _positive_int(check, "data.synthetic_classes", c.data.synthetic_classes)
+    check(c.data.seed >= 0 and c.seed >= 0, "seed and data.seed must be >= 0")
+    check(c.data.prefetch >= 0, f"data.prefetch={c.data.prefetch}: must be >= 0")
+    check(
+        not c.init_from or os.path.isfile(os.path.expanduser(c.init_from)),
+        f"init_from={c.init_from!r} is not a file: give an official checkpoint.pth or leave it ''",
+    )
     _positive_int(check, "data.canvas_size", c.data.canvas_size)
     _positive_int(check, "train.log_every_steps", c.train.log_every_steps)
     _positive_int(check, "train.checkpoint_every_steps", c.train.checkpoint_every_steps)
@@ -220,6 +241,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
         f"eval.knn_ks={c.eval.knn_ks}: positive ints",
     )
     check(c.eval.knn_temperature > 0, "eval.knn_temperature must be > 0")
+    _positive_int(check, "eval.resize", c.eval.resize)
+    _positive_int(check, "eval.crop", c.eval.crop)
+    check(c.eval.knn_max_train >= 0, "eval.knn_max_train must be >= 0 (0: the whole split)")
+    check(c.eval.attention_images >= 0, "eval.attention_images must be >= 0")
     check(
         c.eval.crop <= c.eval.resize,
         f"eval.crop={c.eval.crop} is larger than eval.resize={c.eval.resize}",
@@ -238,6 +263,64 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
         )
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def _leaves(node, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _declared_type(reference: ml_collections.ConfigDict, name: str) -> type:
+    *parents, leaf = name.split(".")
+    node = reference
+    for part in parents:
+        node = node[part]
+    return node.get_type(leaf)
+
+
+def _type_error(name: str, value, declared: type, default) -> str | None:
+    """Why `value` cannot stand where default_config() declares `declared`, or None."""
+    if value is None:
+        return None if default is None else f"{name}=None: must be of type {declared.__name__}"
+    if declared is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif declared is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif declared is tuple:
+        ok = isinstance(value, (tuple, list))
+    else:
+        ok = isinstance(value, declared)
+    if not ok:
+        return f"{name}={value!r}: must be of type {declared.__name__}, not {type(value).__name__}"
+    numbers = value if isinstance(value, (tuple, list)) else [value]
+    if any(isinstance(x, float) and not math.isfinite(x) for x in numbers):
+        return f"{name}={value!r}: must be finite"
+    return None
+
+
+def schema_errors(c: ml_collections.ConfigDict) -> list[str]:
+    """Keys unknown to default_config() (a typo would otherwise be ignored silently), keys
+    missing from it, values of the wrong type and non-finite numbers."""
+    reference = default_config()
+    expected, given = _leaves(reference), _leaves(c)
+    errors = []
+    for name in sorted(set(given) - set(expected)):
+        close = difflib.get_close_matches(name, list(expected), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        errors.append(f"{name}: unknown key{hint}; every key is declared in dino_jax/config.py")
+    for name in sorted(set(expected) - set(given)):
+        errors.append(f"{name}: missing; recipes start from default_config() and override it")
+    for name in sorted(set(expected) & set(given)):
+        declared = _declared_type(reference, name)
+        error = _type_error(name, given[name], declared, expected[name])
+        if error:
+            errors.append(error)
+    return errors
 
 
 def _positive_int(check, name: str, value) -> None:

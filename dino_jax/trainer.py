@@ -7,7 +7,6 @@ import functools
 import logging
 import math
 import os
-import signal
 from typing import Any
 
 import jax
@@ -16,12 +15,19 @@ import ml_collections
 import numpy as np
 
 from dino_jax import parallel, recipe
-from dino_jax.checkpoint import Checkpointer, CheckpointError, check_resume_config, flatten_config
+from dino_jax.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    check_resume_config,
+    check_work_dir,
+    flatten_config,
+)
 from dino_jax.config import validate
 from dino_jax.data import pipeline
 from dino_jax.data.augment import MultiCropConfig
 from dino_jax.data.decode import SkipLog
 from dino_jax.metrics_log import MetricLogger
+from dino_jax.preemption import Preemption
 from dino_jax.state import TrainState, create_state
 from dino_jax.train_step import DinoHParams, train_step
 
@@ -58,10 +64,11 @@ def build_run(
     config: ml_collections.ConfigDict,
     start_step: int = 0,
     mesh: jax.sharding.Mesh | None = None,
+    skips: SkipLog | None = None,
 ) -> Run:
     mesh = parallel.make_mesh() if mesh is None else mesh
     validate(config, mesh.size, jax.process_count())
-    skips = SkipLog()
+    skips = SkipLog() if skips is None else skips
     data = pipeline.train_data(
         config.data, config.optim.batch_size, start_step=start_step, skips=skips
     )
@@ -158,24 +165,6 @@ def compile_step(run: Run):
     )
 
 
-class Preemption:
-    """Turns SIGTERM (a scheduler's preemption notice) into a flag the loop checks."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._previous)
-
-
 def restore_or_init(run: Run, ckpt: Checkpointer, config) -> TrainState:
     latest = ckpt.latest_step()
     if latest is None:
@@ -183,22 +172,48 @@ def restore_or_init(run: Run, ckpt: Checkpointer, config) -> TrainState:
     meta = ckpt.read_meta(latest)
     for key, old, new in check_resume_config(meta.get("config", {}), config):
         _LOG.warning("resuming with %s changed: %r -> %r", key, old, new)
+    if meta.get("steps_per_epoch", run.data.steps_per_epoch) != run.data.steps_per_epoch:
+        _LOG.warning(
+            "the data changed since checkpoint %d: %s steps per epoch, now %d; the epoch-based"
+            " schedules and the data order follow the new length",
+            latest,
+            meta["steps_per_epoch"],
+            run.data.steps_per_epoch,
+        )
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         run.abstract_state,
         run.state_sharding,
     )
     state = ckpt.restore(latest, abstract)
+    ckpt.record(latest, "restored")
     _LOG.info("resumed from step %d in %s", latest, ckpt.directory)
     return state
 
 
+def skip_log(workdir: str) -> SkipLog:
+    """Inputs left out, listed in the work directory as they happen (one file per process)."""
+    index = jax.process_index()
+    name = "skipped_files.tsv" if index == 0 else f"skipped_files.process{index}.tsv"
+    return SkipLog(os.path.join(workdir, name))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     """Train (or resume) the configured run in `workdir`; see README for the layout."""
+    with Preemption() as preemption:
+        return _train(config, workdir, preemption)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preemption) -> TrainResult:
+    mesh = parallel.make_mesh()
+    # A bad config is refused before anything is written, read or compiled.
+    validate(config, mesh.size, jax.process_count())
     os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    run = build_run(config, start_step=start)
+    latest = ckpt.latest_step()
+    check_work_dir(workdir, latest)
+    start = latest or 0
+    run = build_run(config, start_step=start, mesh=mesh, skips=skip_log(workdir))
     state = restore_or_init(run, ckpt, config)
     if int(jax.device_get(state.step)) != start:
         raise CheckpointError(f"restored step {int(state.step)} but expected {start}")
@@ -241,50 +256,74 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         logger.train(step + 1, values, skips=run.skips)
         return values
 
-    with Preemption() as preemption:
-        batches = pipeline.device_batches(iter(run.data), run.mesh, config.data.prefetch)
-        try:
-            for step in range(start, last):
-                state, device_metrics = step_fn(state, next(batches), base_key)
-                # the previous step's metrics, fetched while this step runs: no host sync
-                metrics = settle() or metrics
-                pending = (step, device_metrics)
-                done = step + 1
-                if preemption.requested or done % config.train.checkpoint_every_steps == 0:
-                    metrics = settle() or metrics
-                    ckpt.save(state, {**meta, "step": done})
-                if preemption.requested:
-                    status = "preempted"
-                    break
-                if evaluator and done % spe == 0 and evaluator.due(done // spe):
-                    metrics = settle() or metrics
-                    logger.record(done, evaluator(state, done // spe))
+    def save(step: int, force: bool = False) -> None:
+        # A finite loss and gradient can still give a non-finite update (an overflowing lr):
+        # such a state would make every later resume start from garbage.
+        if not bool(all_finite(state)):
+            raise NonFiniteLossError(_nonfinite_message(step - 1, {}, ckpt, "update"))
+        ckpt.save(state, {**meta, "step": step}, force=force)
+
+    batches = pipeline.device_batches(iter(run.data), run.mesh, config.data.prefetch)
+    try:
+        for step in range(start, last):
+            if preemption.requested and step == start:
+                status = "preempted"  # SIGTERM while starting up: nothing new to save
+                break
+            state, device_metrics = step_fn(state, next(batches), base_key)
+            # the previous step's metrics, fetched while this step runs: no host sync
             metrics = settle() or metrics
-            if status != "preempted":
-                status = "finished" if last == total else "max_steps"
-                ckpt.save(state, {**meta, "step": last}, force=True)
-            ckpt.wait()
-            if status == "finished" and evaluator:
-                final = evaluator(state, config.optim.epochs, final=True)
-                logger.record(last, final)
-                metrics.update(final)
-        finally:
-            ckpt.wait()
-            logger.close()
+            pending = (step, device_metrics)
+            done = step + 1
+            stop = preemption.stop_after(step)
+            if stop or done % config.train.checkpoint_every_steps == 0:
+                metrics = settle() or metrics
+                save(done)
+            if stop:
+                status = "preempted"
+                break
+            if evaluator and done % spe == 0 and evaluator.due(done // spe):
+                metrics = settle() or metrics
+                logger.record(done, evaluator(state, done // spe))
+        metrics = settle() or metrics
+        if status != "preempted":
+            status = "finished" if last == total else "max_steps"
+            save(last, force=True)
+        ckpt.wait()
+        if status == "finished" and evaluator:
+            final = evaluator(state, config.optim.epochs, final=True)
+            logger.record(last, final)
+            metrics.update(final)
+    finally:
+        ckpt.wait()
+        logger.close()
     return TrainResult(state=state, status=status, steps_per_epoch=spe, metrics=metrics)
 
 
-def _nonfinite_message(step: int, values: dict[str, float], ckpt: Checkpointer) -> str:
+@jax.jit
+def all_finite(state: TrainState) -> jax.Array:
+    floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in floats]))
+
+
+def _nonfinite_message(
+    step: int, values: dict[str, float], ckpt: Checkpointer, what: str = "loss"
+) -> str:
+    ckpt.wait()  # the last good checkpoint may still be being written
     latest = ckpt.latest_step()
     where = (
         f"the last good checkpoint is step {latest} in {ckpt.directory} (intact)"
         if latest is not None
         else "no checkpoint was written yet"
     )
-    return (
+    found = (
         f"non-finite loss at step {step} (loss {values.get('train/loss')}, grad norm"
-        f" {values.get('train/grad_norm')}); training stopped and nothing was saved after it;"
-        f" {where}. Lower optim.lr, check the data, or set train.skip_nonfinite_steps."
+        f" {values.get('train/grad_norm')})"
+        if what == "loss"
+        else f"non-finite parameters after the update of step {step} (finite loss and gradient)"
+    )
+    return (
+        f"{found}; training stopped and nothing was saved after it; {where}. Lower optim.lr,"
+        " check the data, or set train.skip_nonfinite_steps."
     )
 
 
@@ -306,6 +345,13 @@ class Evaluator:
         params = {"params": state.teacher["backbone"]}
         metrics = knn_evaluation(self.config, backbone, params, self.run.mesh)
         metrics["epoch"] = float(epoch)
+        if final and self.config.eval.report_baselines:
+            from dino_jax.evaluate import baselines
+
+            init = baselines.random_init_knn(self.config, self.run.hp.model, self.run.mesh)
+            pixels = baselines.pixel_knn(self.config, self.run.mesh)
+            metrics["knn_random_init/top1"] = init["knn/top1"]
+            metrics["knn_pixels/top1"] = pixels["knn/top1"]
         if final and self.config.eval.attention_images:
             from dino_jax.evaluate.attention import save_demo_attention
 

@@ -1,5 +1,6 @@
 """Test set-up: 8 CPU devices for sharding tests, float32 matmuls at full precision."""
 
+import fcntl
 import os
 import tempfile
 
@@ -24,6 +25,37 @@ import pytest
 jax.config.update("jax_default_matmul_precision", "highest")
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+# The `tally` fixture of the fault-injection tests and the summary line it feeds.
+pytest_plugins = ("fault_tally",)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--runslow",
+        action="store_true",
+        help="also run the long variants (e.g. >= 10 kills); or set DINO_JAX_LONG_FAULTS=1",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow") or os.environ.get("DINO_JAX_LONG_FAULTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="long variant: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _one_multiprocess_run_at_a_time(request):
+    """Tests that start several jax.distributed processes take turns (across xdist workers):
+    two such runs at once on a small machine can miss gloo's 30 s rendezvous."""
+    if "multihost" not in request.node.nodeid and "two_processes" not in request.node.name:
+        yield
+        return
+    with open(os.path.join(tempfile.gettempdir(), "dino_jax_tests_processes.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -130,7 +130,8 @@ class SkipLog:
 
     Decoding runs in tf.data worker threads and read-ahead, so an entry can appear a few
     batches before the training step that would have used the input. With `path`, each new
-    entry is also appended to that file as `key<TAB>reason` as it happens.
+    entry is also appended to that file as `key<TAB>reason` as it happens, and the entries
+    already in it are read back first.
     """
 
     def __init__(self, path: str | os.PathLike | None = None):
@@ -138,6 +139,13 @@ class SkipLog:
         self._entries: dict[str, str] = {}
         self._events = 0
         self.path = None if path is None else os.fspath(path)
+        if self.path is not None and os.path.exists(self.path):
+            # A resumed run: inputs listed by an earlier start stay listed (and counted) once.
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    key, tab, reason = line.rstrip("\n").partition("\t")
+                    if tab:
+                        self._entries.setdefault(key, reason)
 
     def add(self, key: str, reason: str) -> None:
         with self._lock:

@@ -1,0 +1,174 @@
+"""Work directories a resume must not trust: a changed config, another model's checkpoints,
+damaged or missing checkpoints, planted pickles. Each gives a clear error, never a fresh start."""
+
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+from fault_helpers import assert_states_equal, finalised_steps, history, restore
+from tiny import tiny_config
+
+from dino_jax.checkpoint import CheckpointError, flatten_config
+from dino_jax.trainer import train
+
+# A failed restore leaves Orbax's aborted asynchronous reads to the garbage collector, which
+# reports them as unraisable exceptions: expected here, and not errors of the code under test.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A work directory trained for 6 steps (checkpoints 3 and 6) and its final state."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    result = train(tiny_config(**{"train.max_steps": 6}), str(workdir))
+    return workdir, result.state
+
+
+@pytest.fixture
+def workdir(trained, tmp_path):
+    """A private copy of the trained work directory."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained[0], copy)
+    return copy
+
+
+def refused(workdir, **overrides) -> str:
+    """Resume `workdir`; assert it is refused without training or writing a checkpoint."""
+    logs = {p: p.read_text() for p in workdir.glob("*.jsonl")}
+    steps = finalised_steps(workdir)
+    with pytest.raises(CheckpointError) as err:
+        train(tiny_config(**{"train.max_steps": 9, **overrides}), str(workdir))
+    assert finalised_steps(workdir) == steps
+    assert {p: p.read_text() for p in workdir.glob("*.jsonl")} == logs
+    return str(err.value)
+
+
+def test_changed_shapes_or_recipe_are_refused_listing_the_differences(workdir, tally):
+    with tally.fault():
+        message = refused(workdir, **{"model.out_dim": 128, "dino.teacher_temp": 0.05})
+        assert "model.out_dim: checkpoint 64 -> now 128" in message
+        assert "dino.teacher_temp: checkpoint 0.04 -> now 0.05" in message
+    with tally.fault():
+        message = refused(workdir, **{"optim.lr": 0.001, "optim.epochs": 3})
+        assert "optim.lr: checkpoint 0.0005 -> now 0.001" in message
+        assert "optim.epochs: checkpoint 2 -> now 3" in message
+        assert "allow_config_change=True" in message
+
+
+def test_allow_config_change_resumes_with_a_new_lr_and_length(workdir, tally):
+    with tally.fault():
+        changes = {"optim.lr": 0.001, "optim.epochs": 3, "train.allow_config_change": True}
+        result = train(tiny_config(**{"train.max_steps": 8, **changes}), str(workdir))
+        assert result.status == "max_steps" and int(result.state.step) == 8
+        assert history(workdir)[-2:] == [("restored", 6), ("saved", 8)]
+
+
+def test_another_models_checkpoint_is_refused_naming_the_arrays(workdir, tmp_path, tally):
+    with tally.fault():
+        # Checkpoints of a wider head whose config record claims to be ours (hand-edited).
+        other = tmp_path / "other"
+        train(tiny_config(**{"train.max_steps": 3, "model.out_dim": 128}), str(other))
+        meta = other / "checkpoints" / "3" / "meta" / "metadata"
+        record = json.loads(meta.read_text())
+        record["config"] = flatten_config(tiny_config(**{"train.max_steps": 3}))
+        meta.write_text(json.dumps(record))
+        message = refused(other)
+        assert "checkpoint 3" in message and "was written for a different model" in message
+        assert "center: checkpoint ((1, 128), 'float32') -> this model ((1, 64), 'float32')" in (
+            message
+        )
+
+
+def truncate_arrays(step_dir):
+    for path in (step_dir / "state" / "d").iterdir():
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "truncated arrays": truncate_arrays,
+    "array files deleted": lambda d: shutil.rmtree(d / "state" / "d"),
+    "state item deleted": lambda d: shutil.rmtree(d / "state"),
+    "tree metadata deleted": lambda d: os.remove(d / "state" / "_METADATA"),
+    "tree metadata edited": lambda d: (d / "state" / "_METADATA").write_text('{"tree": 1'),
+    "config record edited": lambda d: (d / "meta" / "metadata").write_text("{not json"),
+    "config record emptied": lambda d: (d / "meta" / "metadata").write_text("{}"),
+    "step directory emptied": lambda d: [shutil.rmtree(d), d.mkdir()],
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_latest_checkpoint_is_named_with_the_way_back(workdir, trained, tally, damage):
+    with tally.fault():
+        DAMAGE[damage](workdir / "checkpoints" / "6")
+        message = refused(workdir)
+        aside = workdir / "damaged-checkpoint-6"
+        assert f"checkpoint 6 at {workdir / 'checkpoints' / '6'} is damaged" in message
+        assert f"mv {workdir / 'checkpoints' / '6'} {aside}" in message
+        assert "resume from the previous checkpoint, step 3" in message
+        if damage == "truncated arrays":  # following the advice retrains steps 3..6 exactly
+            os.rename(workdir / "checkpoints" / "6", aside)
+            result = train(tiny_config(**{"train.max_steps": 6}), str(workdir))
+            assert int(result.state.step) == 6
+            assert_states_equal(result.state, trained[1])
+
+
+def test_missing_checkpoints_refuse_a_fresh_start_over_logged_work(workdir, tally):
+    with tally.fault():
+        shutil.rmtree(workdir / "checkpoints")
+        message = refused(workdir)
+        assert "checkpoints.jsonl records checkpoint 6" in message
+        assert "holds none" in message and "new work directory" in message
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, tally):
+    with tally.fault():
+        # Logged steps, but no checkpoint ever completed: nothing to lose, so start over.
+        (tmp_path / "train.jsonl").write_text('{"step": 2, "train/loss": 4.1}\n{"step": 4, "tr')
+        result = train(tiny_config(**{"train.max_steps": 3}), str(tmp_path))
+        assert int(result.state.step) == 3
+
+
+class Payload:
+    """Unpickling this creates a directory: proof that code from the file ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_orbax_work_dir_never_unpickles(workdir, trained, tmp_path, tally):
+    sentinel = str(tmp_path / "code_ran")
+    payload = pickle.dumps(Payload(sentinel))
+    step = workdir / "checkpoints" / "6"
+    planted = [
+        workdir / "checkpoints" / "payload.pkl",
+        step / "payload.pkl",
+        step / "state" / "payload.pkl",
+        step / "meta" / "payload.pkl",
+    ]
+    with tally.bad_input():
+        for path in planted:
+            path.write_bytes(payload)
+        result = train(tiny_config(**{"train.max_steps": 6}), str(workdir))
+        assert not os.path.exists(sentinel)
+        assert_states_equal(result.state, trained[1])  # resumed at 6: the state read is ours
+    # Orbax reads a `checkpoint` file in an item as msgpack (Flax's old format), never pickle.
+    for item in ("state/checkpoint", "meta/metadata", "state/_METADATA", "_CHECKPOINT_METADATA"):
+        with tally.bad_input():
+            target = step / item
+            original = target.read_bytes() if target.exists() else None
+            target.write_bytes(payload)
+            if item == "_CHECKPOINT_METADATA":  # Orbax's own record: not needed to restore
+                assert_states_equal(restore(workdir, 6), trained[1])
+            else:
+                message = refused(workdir)
+                assert "checkpoint 6" in message and "is damaged" in message
+            assert not os.path.exists(sentinel)
+            if original is None:
+                target.unlink()
+            else:
+                target.write_bytes(original)
