@@ -9,29 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
+from tiny import tiny_eval_config
 
 from dino_jax import parallel
 from dino_jax.evaluate import attention
-from dino_jax.evaluate.__main__ import load_config_file, main
+from dino_jax.evaluate.__main__ import main
 from dino_jax.evaluate.weights import load_weights
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def tiny_train_config():
-    """configs/demo.py cut down to a ViT of width 32, depth 1, trained for one step."""
-    c = load_config_file(str(ROOT / "configs" / "demo.py"))
-    c.model.embed_dim, c.model.depth, c.model.num_heads = 32, 1, 2
-    c.model.out_dim, c.model.head_hidden_dim, c.model.head_bottleneck_dim = 64, 32, 16
-    c.model.head_nlayers = 1
-    c.optim.batch_size = 8
-    c.aug.global_size, c.aug.local_size, c.aug.n_local = 16, 8, 0
-    c.eval.resize = c.eval.crop = 16
-    c.eval.knn_every_epochs = 0
-    c.data.eval_test_split = ""  # no evaluation inside train()
-    c.train.max_steps = 1
-    c.train.progress_bar = False
-    return c
+    return tiny_eval_config(1)
 
 
 @pytest.fixture(scope="module")

@@ -55,3 +55,18 @@ def data_config(**overrides):
     d.synthetic_classes = 0
     d.update(overrides)
     return d
+
+
+def tiny_eval_config(max_steps: int = 2):
+    """tiny_config with a width-32 ViT and a one-layer head, for evaluation tests: trained for
+    `max_steps` without evaluating inside train()."""
+    c = tiny_config(**{"data.split": "train", "data.eval_train_split": "train"})
+    c.model.embed_dim, c.model.depth, c.model.num_heads = 32, 1, 2
+    c.model.out_dim, c.model.head_hidden_dim, c.model.head_bottleneck_dim = 64, 32, 16
+    c.model.head_nlayers = 1
+    c.optim.batch_size = 8
+    c.aug.global_size, c.aug.local_size, c.aug.n_local = 16, 8, 0
+    c.eval.resize = c.eval.crop = 16
+    c.data.eval_test_split = ""  # no evaluation inside train()
+    c.train.max_steps = max_steps
+    return c

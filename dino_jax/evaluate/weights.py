@@ -81,7 +81,9 @@ def config_from_flat(flat: dict[str, Any]) -> ml_collections.ConfigDict:
 
 
 def _checkpoint_dir(path: str) -> str:
-    """`<workdir>/checkpoints`, also when `path` is that directory itself."""
+    """`<workdir>/checkpoints`, also when `path` is that directory itself (absolute: Orbax
+    refuses relative paths)."""
+    path = os.path.abspath(path)
     inner = os.path.join(path, "checkpoints")
     if os.path.isdir(inner):
         return inner
