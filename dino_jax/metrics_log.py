@@ -33,6 +33,7 @@ class MetricLogger:
         self.log_every = log_every
         self.images_per_step = images_per_step
         self._window_start = (start_step, time.perf_counter())
+        self._postfix: dict[str, str] = {}  # the last loss and images/s shown on the bar
         self._bar = None
         if not self.active:
             return
@@ -48,8 +49,9 @@ class MetricLogger:
         if not self.active:
             return
         if self._bar is not None:
-            self._bar.update(step - self._bar.n)
-            self._bar.set_postfix(loss=f"{values.get('train/loss', float('nan')):.4f}")
+            self._postfix["loss"] = f"{values.get('train/loss', float('nan')):.4f}"
+            self._bar.set_postfix(self._postfix, refresh=False)
+            self._bar.update(step - self._bar.n)  # redraws, postfix included
         if step % self.log_every:
             return
         first, start_time = self._window_start
@@ -57,10 +59,9 @@ class MetricLogger:
         if step > first:
             rate = (step - first) * self.images_per_step / (now - start_time)
             values = {**values, "perf/images_per_s": rate}
+            self._postfix["img_s"] = f"{rate:,.0f}"
             if self._bar is not None:
-                self._bar.set_postfix(
-                    loss=f"{values['train/loss']:.4f}", img_s=f"{rate:,.0f}", refresh=False
-                )
+                self._bar.set_postfix(self._postfix, refresh=False)
         self._window_start = (step, now)
         if skips is not None:
             values = {**values, "data/skipped_files": float(skips.count)}
