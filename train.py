@@ -5,6 +5,7 @@ directory already holds checkpoints.
 """
 
 import difflib
+import logging as std_logging
 import os
 import pathlib
 import sys
@@ -58,14 +59,27 @@ flags.DEFINE_integer(
     "Multi-host: a process silent for this long counts as dead, and every other process stops"
     " with an error instead of waiting for it forever in a collective.",
 )
+flags.DEFINE_bool(
+    "checkpoint_info_logs",
+    False,
+    "Show Orbax's INFO messages (every file of every save); its warnings and errors always show.",
+)
 flags.DEFINE_integer(
     "initialization_timeout", 300, "Multi-host: seconds to wait for every process to join."
 )
 
 
+def below_warning_from_orbax(record: std_logging.LogRecord) -> bool:
+    """False for Orbax's INFO/DEBUG records (a few dozen lines per checkpoint)."""
+    return record.levelno < std_logging.WARNING and f"{os.sep}orbax{os.sep}" in record.pathname
+
+
 def main(argv):
     del argv
     import jax
+
+    if not flags.FLAGS.checkpoint_info_logs:
+        logging.get_absl_handler().addFilter(lambda r: not below_warning_from_orbax(r))
 
     if flags.FLAGS.coordinator_address or flags.FLAGS.distributed:
         jax.distributed.initialize(

@@ -2,14 +2,11 @@
 message that says what to change; the command line refuses keys that do not exist."""
 
 import logging
-import os
-import subprocess
-import sys
 
 import jax
 import ml_collections
 import pytest
-from fault_helpers import ROOT, TESTS
+from fault_config import train_py
 from tiny import tiny_config
 
 from dino_jax.config import ConfigError
@@ -157,13 +154,6 @@ def test_invalid_setting_is_refused_before_any_compute(name, tmp_path, tally, ca
         assert not [r for r in caplog.records if r.getMessage().startswith("Compiling")]
 
 
-def train_py(tmp_path, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    cmd = [sys.executable, str(ROOT / "train.py"), f"--config={TESTS / 'fault_config.py'}"]
-    cmd += [f"--workdir={tmp_path / 'run'}", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -179,7 +169,7 @@ def train_py(tmp_path, *args) -> subprocess.CompletedProcess:
 )
 def test_train_py_refuses_bad_overrides_with_a_message(tmp_path, tally, args, message):
     with tally.bad_input():
-        result = train_py(tmp_path, *args)
+        result = train_py(tmp_path / "run", *args)
         assert result.returncode != 0
         assert message in result.stderr
         assert "Traceback" not in result.stderr
