@@ -150,11 +150,8 @@ def _writer() -> bool:
 
 def _cached_features(config, backbone, variables, mesh, split, features_dir, identity):
     """(features, labels) of `split`, read from `features_dir` when extracted there before."""
-    from tqdm import tqdm
-
-    from dino_jax.data.pipeline import eval_data
-    from dino_jax.evaluate.features import extract, feature_fn
     from dino_jax.evaluate.knn import load_features, save_features
+    from dino_jax.evaluate.knn_eval import split_features
 
     meta = {
         **identity,
@@ -178,23 +175,7 @@ def _cached_features(config, backbone, variables, mesh, split, features_dir, ide
                 )
             _LOG.info("features of %s read from %s", split, path)
             return feats, labels
-    fn = feature_fn(
-        backbone,
-        mesh,
-        resize=config.eval.resize,
-        crop=config.eval.crop,
-        mean=tuple(config.aug.mean),
-        std=tuple(config.aug.std),
-    )
-    data = eval_data(config.data, split, config.eval.batch_size)
-    bar = tqdm(
-        data,
-        total=data.num_batches,
-        desc=f"features {split}",
-        leave=False,
-        disable=not _writer(),
-    )
-    feats, labels = extract(fn, variables, bar, mesh)
+    feats, labels = split_features(config, backbone, variables, mesh, split, progress=True)
     if path and _writer():
         save_features(path, feats, labels, meta)
     return feats, labels

@@ -24,7 +24,10 @@ def split_features(
     params,
     mesh: jax.sharding.Mesh,
     split: str,
+    *,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
+    """(CLS features, labels) of `split` through the eval transform; `progress`: a bar."""
     fn = feature_fn(
         backbone,
         mesh,
@@ -34,6 +37,16 @@ def split_features(
         std=tuple(config.aug.std),
     )
     batches = eval_data(config.data, split, config.eval.batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(
+            batches,
+            total=batches.num_batches,
+            desc=f"features {split}",
+            leave=False,
+            disable=jax.process_index() != 0,
+        )
     return extract(fn, params, batches, mesh)
 
 

@@ -85,13 +85,21 @@ def _walk_images(root: str, skips: SkipLog, visited: set) -> tuple[list[str], in
             sub_images, sub_other = _walk_images(entry.path, skips, visited)
             images += sub_images
             other += sub_other
-        elif not _is_image_name(entry.name):
-            other += 1
-        elif _is_file(entry):
-            images.append(entry.path)
         else:
-            skips.add(entry.path, _why_not_a_file(entry.path))
+            other += _take_file(entry, images, skips)
     return images, other
+
+
+def _take_file(entry: os.DirEntry, images: list[str], skips: SkipLog) -> int:
+    """Append an image file's path to `images` (or count it skipped, saying why); 1 for a file
+    whose name is not an image's, else 0."""
+    if not _is_image_name(entry.name):
+        return 1
+    if _is_file(entry):
+        images.append(entry.path)
+    else:
+        skips.add(entry.path, _why_not_a_file(entry.path))
+    return 0
 
 
 def list_folder(root: str, skips: SkipLog) -> Listing:
@@ -118,14 +126,8 @@ def list_folder(root: str, skips: SkipLog) -> Listing:
 
 
 def _walk_files_flat(entries: list[os.DirEntry], skips: SkipLog) -> tuple[list[str], int]:
-    images, other = [], 0
-    for entry in entries:
-        if not _is_image_name(entry.name):
-            other += 1
-        elif _is_file(entry):
-            images.append(entry.path)
-        else:
-            skips.add(entry.path, _why_not_a_file(entry.path))
+    images: list[str] = []
+    other = sum(_take_file(entry, images, skips) for entry in entries)
     return images, other
 
 
