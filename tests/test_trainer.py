@@ -118,3 +118,38 @@ def test_interrupted_run_resumes_to_the_same_state(tmp_path, sig):
     straight = train(config, str(tmp_path / "straight"))
     assert int(resumed.state.step) == stopped + 4
     assert_states_equal(straight.state, resumed.state)
+
+
+def test_fsdp_shards_the_state_and_trains_as_the_replicated_step(tmp_path):
+    # out_dim 2048: the head's last layer (16 x 2048) and its Adam moments pass the size floor
+    config = {
+        fsdp: tiny_config(**{"model.out_dim": 2048, "train.fsdp": fsdp}) for fsdp in (True, False)
+    }
+    runs = {fsdp: build_run(c, mesh=parallel.make_mesh()) for fsdp, c in config.items()}
+    batches = [b for _, b in zip(range(3), iter(runs[True].data), strict=False)]
+    finals = {}
+    for fsdp, run in runs.items():
+        state, step = initial_state(run), compile_step(run)
+        for batch in batches:
+            state, _ = step(state, to_global(batch, run.mesh), jax.random.key(0))
+        finals[fsdp] = state
+
+    def shard_rows(x):
+        return {s.data.shape for s in x.addressable_shards}
+
+    sharded = finals[True]
+    last = sharded.student["head"]["last_layer"]["weight_v"]
+    assert last.shape == (16, 2048) and shard_rows(last) == {(16, 256)}
+    assert shard_rows(sharded.teacher["head"]["last_layer"]["weight_v"]) == {(16, 256)}
+    assert shard_rows(sharded.opt_state[1].mu["head"]["last_layer"]["weight_v"]) == {(16, 256)}
+    assert shard_rows(finals[False].student["head"]["last_layer"]["weight_v"]) == {(16, 2048)}
+    assert_states_equal(finals[True], finals[False], rtol=1e-5, atol=1e-6)
+
+    # checkpoints written from the sharded state resume into the same layout
+    fsdp_config = config[True]
+    fsdp_config.train.max_steps = 3
+    train(fsdp_config, str(tmp_path))
+    fsdp_config.train.max_steps = 4
+    resumed = train(fsdp_config, str(tmp_path))
+    assert int(resumed.state.step) == 4
+    assert shard_rows(resumed.state.student["head"]["last_layer"]["weight_v"]) == {(16, 256)}
