@@ -1,0 +1,72 @@
+"""The demo recipe for 3 of its 10 epochs, through train(): k-NN during training and at the end
+with its baselines, attention PNGs, and the linear probe from the work directory beating k-NN
+on the same network at its random initialisation."""
+
+import importlib.util
+import json
+import pathlib
+
+from dino_jax import parallel, recipe
+from dino_jax.evaluate.__main__ import main
+from dino_jax.evaluate.baselines import random_init_knn
+from dino_jax.trainer import train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EPOCHS = 3
+
+
+def demo_config(epochs: int):
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.optim.epochs = epochs
+    config.train.progress_bar = False
+    return config
+
+
+def test_short_demo_evaluates_and_its_linear_probe_beats_random_init_knn(tmp_path):
+    config = demo_config(EPOCHS)
+    config.eval.knn_every_epochs = 1
+    workdir = tmp_path / "run"
+    result = train(config, str(workdir))
+    assert result.status == "finished"
+    spe = result.steps_per_epoch
+
+    # k-NN after epochs 1 and 2 and at the end, logged next to the training records
+    records = [json.loads(line) for line in (workdir / "train.jsonl").open()]
+    knn = [r for r in records if "knn/top1" in r]
+    assert [r["step"] for r in knn] == [spe, 2 * spe, EPOCHS * spe]
+    assert [r["epoch"] for r in knn] == [1, 2, EPOCHS]
+    assert any("train/loss" in r and spe - 20 <= r["step"] <= spe for r in records)
+    final = result.metrics
+    assert final["knn/top1"] == knn[-1]["knn/top1"]
+    # the baselines of the end of the run, recomputed independently for the random network
+    init = random_init_knn(config, recipe.build_network(config), parallel.make_mesh())
+    assert final["knn_random_init/top1"] == init["knn/top1"]
+    assert 0 < final["knn_pixels/top1"] <= 100
+    for i in range(config.eval.attention_images):
+        assert (workdir / "attention" / f"{i:02d}" / "overview.png").stat().st_size > 0
+
+    probe = main(
+        [
+            "linear",
+            "--weights",
+            str(workdir),
+            "--linear.epochs",
+            "10",
+            "--linear.lr",
+            "1.0",
+            "--linear.batch_size",
+            "128",
+            "--linear.n_last_blocks",
+            "1",
+            "--linear.avgpool",
+            "True",
+            # 28-pixel Fashion-MNIST: random-resized crops cut away the silhouette that tells
+            # the classes apart, so the probe trains on whole images (flips only)
+            "--linear.crop_scale",
+            "(1.0, 1.0)",
+        ]
+    )
+    assert probe["best_top1"] > init["knn/top1"] + 2, (probe["best_top1"], init["knn/top1"])
