@@ -30,14 +30,13 @@ import functools
 import itertools
 import logging
 import math
-import queue
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
+from dino_jax.data.batches import Batch, empty_batch, in_background, pad_batch, without_bad
 from dino_jax.data.decode import SkipLog, load_example
 from dino_jax.data.sources import (
     ArraySource,
@@ -49,7 +48,6 @@ from dino_jax.data.sources import (
 )
 from dino_jax.parallel import global_batch_from_local
 
-Batch = dict[str, np.ndarray]
 _LOG = logging.getLogger(__name__)
 
 
@@ -77,48 +75,6 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
             f"{process_count} processes"
         )
     return global_batch_size // process_count
-
-
-# ----------------------------------------------------------------------------- batches
-
-
-def fill_bad_slots(batch: Mapping[str, np.ndarray], ok: np.ndarray) -> Batch | None:
-    """Copies of good examples in the slots of bad ones (None if no example is good).
-
-    Replacing in place keeps every batch full and every step at the same stream position, so
-    resuming stays exact whatever failed to decode.
-    """
-    good, bad = np.flatnonzero(ok), np.flatnonzero(~ok)
-    if len(good) == 0:
-        return None
-    donors = good[np.arange(len(bad)) % len(good)]
-    out = {k: np.array(v) for k, v in batch.items()}
-    for value in out.values():
-        value[bad] = value[donors]
-    return out
-
-
-def pad_batch(batch: Mapping[str, np.ndarray], size: int) -> Batch:
-    """Zero-pad every entry to `size` rows (labels -1) and mark the real rows in "mask"."""
-    n = len(batch["label"])
-    mask = np.asarray(batch.get("mask", np.ones(n, bool)))
-    if n == size:
-        return {**batch, "mask": mask}
-    out = {}
-    for key, value in {**batch, "mask": mask}.items():
-        fill = -1 if key == "label" else 0
-        pad = np.full((size - n, *value.shape[1:]), fill, value.dtype)
-        out[key] = np.concatenate([value, pad])
-    return out
-
-
-def _empty_batch(size: int, canvas_size: int) -> Batch:
-    return {
-        "image": np.zeros((size, canvas_size, canvas_size, 3), np.uint8),
-        "size": np.zeros((size, 2), np.int32),
-        "label": np.full(size, -1, np.int32),
-        "mask": np.zeros(size, bool),
-    }
 
 
 def _load_index(source: IndexedSource, canvas_size: int, skips: SkipLog, index: int) -> tuple:
@@ -159,55 +115,6 @@ def _numpy_batches(ds: Any, size: int, canvas_size: int, drop_remainder: bool) -
     return ds.with_options(options).as_numpy_iterator()
 
 
-def _in_background(batches: Iterator[Batch], ahead: int = 2) -> Iterator[Batch]:
-    """`batches` produced on a daemon thread, `ahead` in advance (numpy copies drop the GIL)."""
-    ready: queue.Queue = queue.Queue(ahead)
-    stop = threading.Event()
-
-    def put(item: Any) -> None:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                pass
-
-    def work() -> None:
-        try:
-            for batch in batches:
-                put(batch)
-                if stop.is_set():
-                    return
-        except Exception as e:
-            put(e)
-
-    threading.Thread(target=work, daemon=True).start()
-    try:
-        while True:
-            item = ready.get()
-            if isinstance(item, Exception):
-                raise item
-            yield item
-    finally:
-        stop.set()  # the consumer is gone (closed or collected): let the thread end
-
-
-def _without_bad(batches: Iterable[Batch], skips: SkipLog) -> Iterator[Batch]:
-    last = None
-    for batch in batches:
-        ok = batch.pop("ok")
-        if not ok.all():
-            batch = fill_bad_slots(batch, ok)
-            if batch is None and last is None:
-                raise DataError(
-                    f"no image of the first batch could be read; skipped so far: {skips.summary()}"
-                    f", e.g. {skips.entries()[:3]}"
-                )
-            batch = last if batch is None else batch
-        last = batch
-        yield batch
-
-
 # ----------------------------------------------------------------------------- streams
 
 
@@ -242,10 +149,10 @@ class TrainData:
         if isinstance(self.source, ArraySource):
             steps = itertools.count(self.start_step)
             gathered = (self.source.batch(self.indices(s), self.canvas_size) for s in steps)
-            return _in_background(gathered)
+            return in_background(gathered)
         if isinstance(self.source, IndexedSource):
-            return _without_bad(self._indexed(), self.skips)
-        return _without_bad(self._records(), self.skips)
+            return without_bad(self._indexed(), self.skips)
+        return without_bad(self._records(), self.skips)
 
     def _indexed(self) -> Iterator[Batch]:
         tf = import_tensorflow()
@@ -317,7 +224,7 @@ class EvalData:
             count += 1
             yield pad_batch(batch, size)
         for _ in range(self.num_batches - count):
-            yield _empty_batch(size, self.canvas_size)
+            yield empty_batch(size, self.canvas_size)
 
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
