@@ -14,7 +14,7 @@ from dino_jax import parallel
 from dino_jax.checkpoint import flatten_config
 from dino_jax.evaluate.__main__ import apply_overrides, load_config_file, main, split_overrides
 from dino_jax.evaluate.knn_eval import knn_evaluation
-from dino_jax.evaluate.linear import linear_config
+from dino_jax.evaluate.probe import linear_config
 from dino_jax.evaluate.weights import WeightsError, config_from_flat, load_weights
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dino_jax.evaluate import linear
+from dino_jax.evaluate import linear, probe
 from dino_jax.evaluate.__main__ import main
 from dino_jax.evaluate.weights import load_weights
 
@@ -18,24 +18,24 @@ BACKBONE = ROOT / "tests" / "fixtures" / "backbone.pth"
 
 
 def config(**overrides):
-    lin = linear.linear_config()
+    lin = probe.linear_config()
     for key, value in overrides.items():
         lin[key] = value
     return lin
 
 
 def test_defaults_are_the_official_ones():
-    lin = linear.linear_config()
+    lin = probe.linear_config()
     assert (lin.epochs, lin.lr, lin.batch_size, lin.momentum) == (100, 0.001, 1024, 0.9)
     assert (lin.n_last_blocks, lin.avgpool, tuple(lin.crop_scale)) == (4, False, (0.08, 1.0))
-    linear.validate_linear(lin, depth=12)
+    probe.validate_linear(lin, depth=12)
     with pytest.raises(ValueError, match=r"epochs=0(.|\n)*n_last_blocks=4: in \[1, depth=2\]"):
-        linear.validate_linear(config(epochs=0), depth=2)
+        probe.validate_linear(config(epochs=0), depth=2)
 
 
 def test_learning_rate_is_scaled_and_annealed_once_per_epoch():
     lin = config(lr=0.01, batch_size=512, epochs=4)
-    _, schedule = linear.probe_optimizer(lin, steps_per_epoch=3)
+    _, schedule = probe.probe_optimizer(lin, steps_per_epoch=3)
     base = 0.01 * 512 / 256
     lrs = np.array([float(schedule(i)) for i in range(12)])
     for epoch in range(4):  # CosineAnnealingLR(T_max=epochs, eta_min=0) stepped per epoch
@@ -45,7 +45,7 @@ def test_learning_rate_is_scaled_and_annealed_once_per_epoch():
 
 
 def test_probe_init_is_normal_001_with_zero_bias():
-    params = linear.init_probe(jax.random.key(0), 384, 1000)
+    params = probe.init_probe(jax.random.key(0), 384, 1000)
     assert params["kernel"].shape == (384, 1000) and params["bias"].shape == (1000,)
     assert float(jnp.std(params["kernel"])) == pytest.approx(0.01, rel=0.01)
     assert abs(float(jnp.mean(params["kernel"]))) < 1e-4
@@ -71,10 +71,10 @@ def test_sgd_steps_match_pytorch_sgd_with_momentum():
     rng = np.random.default_rng(0)
     dim, classes, batch = 6, 4, 8
     lin = config(lr=0.5, batch_size=batch, epochs=3)
-    tx, schedule = linear.probe_optimizer(lin, steps_per_epoch=2)
-    params = linear.init_probe(jax.random.key(1), dim, classes)
-    state = linear.init_state(params, tx)
-    update = jax.jit(functools.partial(linear.probe_update, tx=tx))
+    tx, schedule = probe.probe_optimizer(lin, steps_per_epoch=2)
+    params = probe.init_probe(jax.random.key(1), dim, classes)
+    state = probe.init_state(params, tx)
+    update = jax.jit(functools.partial(probe.probe_update, tx=tx))
     batches = [(rng.normal(size=(batch, dim)), rng.integers(0, classes, batch)) for _ in range(6)]
     for x, y in batches:
         state, _ = update(state, x.astype(np.float32), y, np.ones(batch, bool))
@@ -90,12 +90,12 @@ def test_sgd_steps_match_pytorch_sgd_with_momentum():
 
 def test_padding_rows_do_not_count():
     rng = np.random.default_rng(0)
-    params = linear.init_probe(jax.random.key(0), 5, 3)
+    params = probe.init_probe(jax.random.key(0), 5, 3)
     x, y = rng.normal(size=(6, 5)).astype(np.float32), np.array([0, 1, 2, 0, -1, -1])
     mask = y >= 0
-    full = linear.probe_loss(params, x, y, mask)
-    np.testing.assert_allclose(full, linear.probe_loss(params, x[:4], y[:4], mask[:4]), rtol=1e-6)
-    assert linear.accuracy(params, x[:4], y[:4])[1] == 100.0  # top-min(5, 3): every class
+    full = probe.probe_loss(params, x, y, mask)
+    np.testing.assert_allclose(full, probe.probe_loss(params, x[:4], y[:4], mask[:4]), rtol=1e-6)
+    assert probe.accuracy(params, x[:4], y[:4])[1] == 100.0  # top-min(5, 3): every class
 
 
 def test_probe_learns_an_easy_separable_problem():
@@ -108,13 +108,13 @@ def test_probe_learns_an_easy_separable_problem():
 
     (train_x, train_y), (val_x, val_y) = sample(2048), sample(512)
     lin = config(lr=0.1, batch_size=256, epochs=5)
-    result = linear.fit_features(train_x, train_y, val_x, val_y, lin)
+    result = probe.fit_features(train_x, train_y, val_x, val_y, lin)
     assert len(result.per_epoch) == 5
     assert result.best_top1 == max(r["val/top1"] for r in result.per_epoch)
     assert result.best_top1 > 95.0  # chance is 25%
     assert result.per_epoch[-1]["train/loss"] < result.per_epoch[0]["train/loss"]
-    untrained = linear.init_probe(jax.random.key(0), 16, 4)
-    assert linear.accuracy(untrained, val_x, val_y)[0] < 70.0
+    untrained = probe.init_probe(jax.random.key(0), 16, 4)
+    assert probe.accuracy(untrained, val_x, val_y)[0] < 70.0
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +125,8 @@ def official():
 def test_the_backbone_is_frozen(official):
     backbone, variables, _ = official
     lin = config(batch_size=4, epochs=1)
-    tx, _ = linear.probe_optimizer(lin, 1)
-    state = linear.init_state(linear.init_probe(jax.random.key(0), 64, 10), tx)
+    tx, _ = probe.probe_optimizer(lin, 1)
+    state = probe.init_state(probe.init_probe(jax.random.key(0), 64, 10), tx)
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.integers(0, 256, (4, 24, 24, 3), dtype=np.uint8),

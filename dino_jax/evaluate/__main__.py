@@ -202,7 +202,8 @@ def run_knn(args, config, backbone, variables, info, mesh) -> dict[str, Any]:
 
 
 def run_linear(args, config, lin, backbone, variables, info, mesh) -> dict[str, Any]:
-    from dino_jax.evaluate.linear import linear_evaluation, probe_summary, validate_linear
+    from dino_jax.evaluate.linear import linear_evaluation
+    from dino_jax.evaluate.probe import probe_summary, validate_linear
 
     try:
         validate_linear(lin, backbone.depth)
@@ -254,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"error: --image {args.image}: no such file")
 
     from dino_jax import parallel
-    from dino_jax.evaluate.linear import linear_config, round_up
+    from dino_jax.evaluate.linear import round_up
+    from dino_jax.evaluate.probe import linear_config
     from dino_jax.evaluate.weights import WeightsError, load_weights
     from dino_jax.interop.pth import UnsafeCheckpointError
 
