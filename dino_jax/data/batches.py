@@ -14,6 +14,7 @@ from dino_jax.data.decode import SkipLog
 from dino_jax.data.sources import DataError
 
 Batch = dict[str, np.ndarray]
+_END = object()  # in_background: the stream is exhausted
 
 
 def fill_bad_slots(batch: Mapping[str, np.ndarray], ok: np.ndarray) -> Batch | None:
@@ -76,11 +77,12 @@ def in_background(batches: Iterator[Batch], ahead: int = 2) -> Iterator[Batch]:
                     return
         except Exception as e:
             put(e)
+        else:
+            put(_END)
 
     threading.Thread(target=work, daemon=True).start()
     try:
-        while True:
-            item = ready.get()
+        while (item := ready.get()) is not _END:
             if isinstance(item, Exception):
                 raise item
             yield item
