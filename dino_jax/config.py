@@ -7,6 +7,7 @@ config with every problem listed before anything is compiled or read.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import os
 
@@ -20,6 +21,17 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message lists what to change."""
+
+
+def load_recipe(path: str | os.PathLike[str]) -> ml_collections.ConfigDict:
+    """`get_config()` of a recipe file such as configs/vit_small16.py."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist: give one such as configs/demo.py")
+    spec = importlib.util.spec_from_file_location("recipe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def default_config() -> ml_collections.ConfigDict:

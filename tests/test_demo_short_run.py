@@ -2,11 +2,11 @@
 with its baselines, attention PNGs, and the linear probe from the work directory beating k-NN
 on the same network at its random initialisation."""
 
-import importlib.util
 import json
 import pathlib
 
 from dino_jax import parallel, recipe
+from dino_jax.config import load_recipe
 from dino_jax.evaluate.__main__ import main
 from dino_jax.evaluate.baselines import random_init_knn
 from dino_jax.trainer import train
@@ -16,10 +16,7 @@ EPOCHS = 3
 
 
 def demo_config(epochs: int):
-    spec = importlib.util.spec_from_file_location("demo", ROOT / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_recipe(ROOT / "configs" / "demo.py")
     config.optim.epochs = epochs
     config.train.progress_bar = False
     return config

@@ -10,8 +10,6 @@ MFU is the achieved FLOP rate over the rate of a large matmul measured in the sa
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import itertools
 import json
 import statistics
@@ -19,13 +17,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from dino_jax import parallel, recipe
-from dino_jax.config import validate
-from dino_jax.data.augment import MultiCropConfig
+from dino_jax import recipe
+from dino_jax.config import load_recipe
 from dino_jax.models.vit import ARCHS
-from dino_jax.train_step import DinoHParams, train_step
 
 
 def vit_forward_flops(dim: int, depth: int, tokens: int, patch: int, mlp_ratio: float = 4.0):
@@ -79,10 +74,7 @@ def matmul_rate(dtype, size: int, repeats: int = 10) -> float:
 
 
 def load_config(path: str, overrides: list[str]):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_recipe(path)
     for item in overrides:
         key, value = item.split("=", 1)
         node, *parts = key.split(".")
@@ -93,43 +85,19 @@ def load_config(path: str, overrides: list[str]):
     return config
 
 
-def synthetic_batch(batch: int, canvas: int, mesh) -> dict[str, jax.Array]:
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (batch, canvas, canvas, 3), dtype=np.uint8)
-    sizes = np.stack([rng.integers(canvas * 3 // 4, canvas + 1, batch)] * 2, 1).astype(np.int32)
-    sharding = parallel.batch_sharding(mesh)
-    return {
-        "image": jax.device_put(images, sharding),
-        "size": jax.device_put(sizes, sharding),
-    }
-
-
 def run(config, steps: int, warmup: int) -> dict:
-    validate(config, jax.device_count())
-    mesh = parallel.make_mesh()
-    schedules = recipe.build_schedules(config, steps_per_epoch=1000)
-    hp = DinoHParams(
-        model=recipe.build_network(config),
-        tx=recipe.build_optimizer(config, schedules),
-        schedules=schedules,
-    )
-    from dino_jax.trainer import init_state
+    from dino_jax.data.pipeline import to_global
+    from dino_jax.trainer import build_run, compile_step, initial_state
 
-    abstract = jax.eval_shape(functools.partial(init_state, config, hp), jax.random.key(0))
-    shardings = parallel.state_shardings(abstract, mesh, config.train.fsdp)
-    state = jax.jit(functools.partial(init_state, config, hp), out_shardings=shardings)(
-        jax.random.key(0)
-    )
-    aug = MultiCropConfig.from_config(config.aug)
-    step = jax.jit(
-        functools.partial(
-            train_step, hp=hp, aug=aug, compute_dtype=jnp.dtype(config.model.compute_dtype)
-        ),
-        in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
-        out_shardings=(shardings, parallel.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    batch = synthetic_batch(config.optim.batch_size, config.data.canvas_size, mesh)
+    # The trainer's own state and compiled step, fed from the in-memory synthetic source
+    # (1,000 steps per epoch for the schedules).
+    config = config.copy_and_resolve_references()
+    config.data.source = "synthetic"
+    config.data.synthetic_examples = 1000 * config.optim.batch_size
+    config.data.synthetic_classes = max(config.data.synthetic_classes, 1)
+    train_run = build_run(config)
+    state, step = initial_state(train_run), compile_step(train_run)
+    batch = to_global(next(iter(train_run.data)), train_run.mesh)
     key = jax.random.key(0)
     start = time.perf_counter()
     compiled = step.lower(state, batch, key).compile()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
-import importlib.util
 import json
 import logging
 import os
@@ -130,12 +129,12 @@ def apply_overrides(configs: dict[str, ml_collections.ConfigDict], pairs) -> Non
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("eval_config", path)
-    if spec is None or not os.path.isfile(path):
-        raise SystemExit(f"--config {path}: no such file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    from dino_jax.config import ConfigError, load_recipe
+
+    try:
+        return load_recipe(path)
+    except ConfigError as err:
+        raise SystemExit(f"--config: {err}") from None
 
 
 # ----------------------------------------------------------------------------- commands
