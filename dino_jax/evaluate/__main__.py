@@ -149,8 +149,8 @@ def _writer() -> bool:
 
 def _cached_features(config, backbone, variables, mesh, split, features_dir, identity):
     """(features, labels) of `split`, read from `features_dir` when extracted there before."""
+    from dino_jax.evaluate.features import split_features
     from dino_jax.evaluate.knn import load_features, save_features
-    from dino_jax.evaluate.knn_eval import split_features
 
     meta = {
         **identity,

@@ -12,12 +12,14 @@ from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from dino_jax import parallel
 from dino_jax.data import color, crops
-from dino_jax.data.pipeline import device_batches
+from dino_jax.data.pipeline import device_batches, eval_data
 from dino_jax.models.vit import VisionTransformer
 
 
@@ -78,14 +80,62 @@ def feature_fn(
 def extract(
     fn, params, batches: Iterable[dict[str, np.ndarray]], mesh: jax.sharding.Mesh
 ) -> tuple[np.ndarray, np.ndarray]:
-    """All (features, labels) of a split, padding dropped, on every process's host."""
+    """All (features, labels) of a split, padding dropped, on every process's host.
+
+    A batch's features are fetched while the next batch is computed."""
     feats, labels = [], []
-    for batch in device_batches(batches, mesh):
-        out = fn(params, {"image": batch["image"], "size": batch["size"]})
+
+    def collect(out, batch):
         mask = _gather(batch["mask"]).astype(bool)
         feats.append(_gather(out)[mask])
         labels.append(_gather(batch["label"])[mask])
+
+    pending = None
+    for batch in device_batches(batches, mesh):
+        out = fn(params, {"image": batch["image"], "size": batch["size"]})
+        if pending is not None:
+            collect(*pending)
+        pending = (out, batch)
+    if pending is not None:
+        collect(*pending)
     return np.concatenate(feats), np.concatenate(labels)
+
+
+def split_features(
+    config: ml_collections.ConfigDict,
+    backbone: VisionTransformer,
+    params,
+    mesh: jax.sharding.Mesh,
+    split: str,
+    *,
+    n_last_blocks: int = 0,
+    avgpool: bool = False,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of `split` through the eval transform of `config` (CLS features, or
+    the linear-probe ones with `n_last_blocks`); batches of `config.eval.batch_size` unless
+    `batch_size` is given; `progress`: a bar on process 0."""
+    fn = feature_fn(
+        backbone,
+        mesh,
+        resize=config.eval.resize,
+        crop=config.eval.crop,
+        mean=tuple(config.aug.mean),
+        std=tuple(config.aug.std),
+        n_last_blocks=n_last_blocks,
+        avgpool=avgpool,
+    )
+    batches = eval_data(config.data, split, batch_size or config.eval.batch_size)
+    if progress:
+        batches = tqdm(
+            batches,
+            total=batches.num_batches,
+            desc=f"features {split}",
+            leave=False,
+            disable=jax.process_index() != 0,
+        )
+    return extract(fn, params, batches, mesh)
 
 
 def _gather(x: jax.Array) -> np.ndarray:

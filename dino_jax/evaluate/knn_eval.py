@@ -7,47 +7,13 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 
-from dino_jax.data.pipeline import eval_data
-from dino_jax.evaluate.features import extract, feature_fn
+from dino_jax.evaluate.features import split_features
 from dino_jax.evaluate.knn import knn_classify, normalize
 from dino_jax.models.vit import VisionTransformer
 
 _LOG = logging.getLogger(__name__)
 HEADLINE_K = 20  # the official headline figure
-
-
-def split_features(
-    config: ml_collections.ConfigDict,
-    backbone: VisionTransformer,
-    params,
-    mesh: jax.sharding.Mesh,
-    split: str,
-    *,
-    progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(CLS features, labels) of `split` through the eval transform; `progress`: a bar."""
-    fn = feature_fn(
-        backbone,
-        mesh,
-        resize=config.eval.resize,
-        crop=config.eval.crop,
-        mean=tuple(config.aug.mean),
-        std=tuple(config.aug.std),
-    )
-    batches = eval_data(config.data, split, config.eval.batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(
-            batches,
-            total=batches.num_batches,
-            desc=f"features {split}",
-            leave=False,
-            disable=jax.process_index() != 0,
-        )
-    return extract(fn, params, batches, mesh)
 
 
 def knn_metrics(config: ml_collections.ConfigDict, train, test, mesh) -> dict[str, float]:

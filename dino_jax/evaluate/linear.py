@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from dino_jax import parallel
 from dino_jax.data import color, crops
-from dino_jax.data.pipeline import device_batches, eval_data, train_data
-from dino_jax.evaluate.features import extract, feature_fn, linear_features
+from dino_jax.data.pipeline import device_batches, train_data
+from dino_jax.evaluate.features import linear_features, split_features
 from dino_jax.evaluate.probe import (
     LinearResult,
     ProbeState,
@@ -123,21 +123,17 @@ def linear_evaluation(
 
     # The backbone is frozen and the val transform deterministic: val features once, not per
     # epoch, give the same scores.
-    fn = feature_fn(
+    val_x, val_y = split_features(
+        config,
         backbone,
+        variables,
         mesh,
-        resize=config.eval.resize,
-        crop=config.eval.crop,
-        mean=mean,
-        std=std,
+        config.data.eval_test_split,
         n_last_blocks=n,
         avgpool=avgpool,
+        batch_size=round_up(config.eval.batch_size, devices),
+        progress=True,
     )
-    val = eval_data(
-        config.data, config.data.eval_test_split, round_up(config.eval.batch_size, devices)
-    )
-    batches = _progress(val, total=val.num_batches, desc="val features")
-    val_x, val_y = extract(fn, variables, batches, mesh)
     num_classes = lin.num_classes or int(val_y.max()) + 1
     dim = val_x.shape[1]
 
