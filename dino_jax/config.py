@@ -34,6 +34,15 @@ def load_recipe(path: str | os.PathLike[str]) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
+def dotted(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    """(section, name) of a dotted key such as "optim.lr"; KeyError if a section is missing."""
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    return node, leaf
+
+
 def default_config() -> ml_collections.ConfigDict:
     """The official ViT-S/16 recipe (main_dino.py defaults, 10 local crops) on ImageNet."""
     c = ml_collections.ConfigDict()

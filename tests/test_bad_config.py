@@ -9,7 +9,7 @@ import pytest
 from fault_config import train_py
 from tiny import tiny_config
 
-from dino_jax.config import ConfigError
+from dino_jax.config import ConfigError, dotted
 from dino_jax.trainer import train
 
 NEVER_THERE = "/nonexistent/dino_jax"
@@ -18,10 +18,7 @@ NEVER_THERE = "/nonexistent/dino_jax"
 def set_values(**values):
     def apply(c):
         for key, value in values.items():
-            *parents, leaf = key.split(".")
-            node = c
-            for part in parents:
-                node = node[part]
+            node, leaf = dotted(c, key)
             node[leaf] = value
 
     return apply

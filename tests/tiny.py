@@ -1,6 +1,6 @@
 """A tiny but complete configuration (bundled demo data) for fast end-to-end tests."""
 
-from dino_jax.config import default_config
+from dino_jax.config import default_config, dotted
 
 
 def tiny_config(**overrides):
@@ -32,10 +32,7 @@ def tiny_config(**overrides):
     c.eval.resize = 16
     c.eval.crop = 16
     for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
+        node, leaf = dotted(c, key)
         node[leaf] = value
     return c
 

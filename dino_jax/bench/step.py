@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dino_jax import recipe
-from dino_jax.config import load_recipe
+from dino_jax.config import dotted, load_recipe
 from dino_jax.models.vit import ARCHS
 
 
@@ -77,11 +77,8 @@ def load_config(path: str, overrides: list[str]):
     config = load_recipe(path)
     for item in overrides:
         key, value = item.split("=", 1)
-        node, *parts = key.split(".")
-        target = config[node]
-        for part in parts[:-1]:
-            target = target[part]
-        target[parts[-1]] = type(target[parts[-1]])(json.loads(value))
+        node, leaf = dotted(config, key)
+        node[leaf] = type(node[leaf])(json.loads(value))
     return config
 
 

@@ -112,13 +112,12 @@ def _parse_value(text: str, kind: type | None, current: Any) -> Any:
 
 def apply_overrides(configs: dict[str, ml_collections.ConfigDict], pairs) -> None:
     """Set each dotted key; keys under `linear.` go to the linear-probe config."""
+    from dino_jax.config import dotted
+
     for key, text in pairs:
         root, path = ("linear", key[len("linear.") :]) if key.startswith("linear.") else ("", key)
-        node = configs[root]
-        *parents, leaf = path.split(".")
         try:
-            for name in parents:
-                node = node[name]
+            node, leaf = dotted(configs[root], path)
             current, kind = node[leaf], node.get_type(leaf)
         except (KeyError, AttributeError):
             raise SystemExit(f"--{key}: no such config key") from None
