@@ -105,28 +105,12 @@ class MultiCropConfig:
     @classmethod
     def from_config(cls, aug: Any) -> MultiCropConfig:
         """From the `config.aug` ConfigDict; every key listed in the module docstring."""
-        return cls(
-            global_size=int(aug.global_size),
-            local_size=int(aug.local_size),
-            n_global=int(aug.n_global),
-            n_local=int(aug.n_local),
-            global_scale=_floats(aug.global_scale),
-            local_scale=_floats(aug.local_scale),
-            ratio=_floats(aug.ratio),
-            flip_prob=float(aug.flip_prob),
-            jitter_prob=float(aug.jitter_prob),
-            brightness=float(aug.brightness),
-            contrast=float(aug.contrast),
-            saturation=float(aug.saturation),
-            hue=float(aug.hue),
-            grayscale_prob=float(aug.grayscale_prob),
-            global_blur_prob=_floats(aug.global_blur_prob),
-            global_solarize_prob=_floats(aug.global_solarize_prob),
-            local_blur_prob=float(aug.local_blur_prob),
-            blur_radius=_floats(aug.blur_radius),
-            mean=_floats(aug.mean),
-            std=_floats(aug.std),
-        )
+
+        def convert(field: dataclasses.Field) -> Any:
+            kind = _floats if isinstance(field.default, tuple) else type(field.default)
+            return kind(aug[field.name])
+
+        return cls(**{f.name: convert(f) for f in dataclasses.fields(cls)})
 
 
 def _floats(values: Sequence[float]) -> tuple[float, ...]:
@@ -160,19 +144,6 @@ class CropParams:
 PARAM_UNIFORMS = crops.BOX_UNIFORMS + 14
 
 
-def sample_crop_params(
-    key: jax.Array,
-    size_hw: jax.Array,
-    cfg: MultiCropConfig,
-    scale: Sequence[float],
-    blur_prob: jax.Array,
-    solarize_prob: jax.Array,
-) -> CropParams:
-    """Draw one crop's parameters as the official transforms do, for an image of `size_hw`."""
-    u = jax.random.uniform(key, (PARAM_UNIFORMS,))
-    return crop_params_from_uniforms(u, size_hw, cfg, scale, blur_prob, solarize_prob)
-
-
 def crop_params_from_uniforms(
     u: jax.Array,
     size_hw: jax.Array,
@@ -181,7 +152,8 @@ def crop_params_from_uniforms(
     blur_prob: jax.Array,
     solarize_prob: jax.Array,
 ) -> CropParams:
-    """`sample_crop_params` from `PARAM_UNIFORMS` uniform [0, 1) draws.
+    """One crop's parameters, drawn as the official transforms draw them, from `PARAM_UNIFORMS`
+    uniform [0, 1) draws, for an image of `size_hw`.
 
     One bulk draw per image keeps the compiled graph small (one PRNG call, not one per
     decision); the decisions keep the official distributions.

@@ -46,11 +46,6 @@ def grayscale(image: jax.Array) -> jax.Array:
     return jnp.broadcast_to(luma(image), image.shape)
 
 
-def hflip(image: jax.Array) -> jax.Array:
-    """Horizontal flip of an HWC image."""
-    return pix.flip_left_right(image)
-
-
 def _blend(degenerate: jax.Array, image: jax.Array, factor: jax.Array) -> jax.Array:
     # PIL's Image.blend(degenerate, image, factor), what ImageEnhance does: clip, then truncate
     # towards zero into 8 bits.

@@ -115,6 +115,14 @@ def _numpy_batches(ds: Any, size: int, canvas_size: int, drop_remainder: bool) -
     return ds.with_options(options).as_numpy_iterator()
 
 
+def _decoded_batches(
+    ds: Any, load: Callable, size: int, canvas_size: int, num_parallel_calls: int, drop: bool
+) -> Iterator[Batch]:
+    """`load` mapped over `ds` in parallel, then padded batches of `size` (`drop`: the last
+    partial batch)."""
+    return _numpy_batches(_decoded(ds, load, num_parallel_calls), size, canvas_size, drop)
+
+
 # ----------------------------------------------------------------------------- streams
 
 
@@ -166,8 +174,8 @@ class TrainData:
 
         # Resuming is free: the stream starts at the first position of start_step.
         positions = tf.data.Dataset.range(self.start_step * batch, 2**62)
-        ds = _decoded(positions, load_position, self.num_parallel_calls)
-        return _numpy_batches(ds, batch, self.canvas_size, drop_remainder=True)
+        calls = self.num_parallel_calls
+        return _decoded_batches(positions, load_position, batch, self.canvas_size, calls, True)
 
     def _records(self) -> Iterator[Batch]:
         load = functools.partial(_load_record, self.canvas_size, self.skips)
@@ -182,9 +190,9 @@ class TrainData:
             if epoch == first_epoch and offset:
                 # Records before the resume point are read and dropped, but never decoded.
                 ds = ds.skip(offset * self.local_batch_size)
-            ds = ds.map(lambda ex: (ex["data"], ex["label"], ex["key"]))
-            ds = _decoded(ds, load, self.num_parallel_calls)
-            yield from _numpy_batches(ds, self.local_batch_size, self.canvas_size, True)
+            yield from _decoded_batches(
+                ds, load, self.local_batch_size, self.canvas_size, self.num_parallel_calls, True
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,13 +218,16 @@ class EvalData:
         elif isinstance(self.source, IndexedSource):
             tf = import_tensorflow()
             load = functools.partial(_load_index, self.source, self.canvas_size, self.skips)
-            ds = _decoded(tf.data.Dataset.range(n), load, self.num_parallel_calls)
-            batches = _numpy_batches(ds, size, self.canvas_size, drop_remainder=False)
+            ds = tf.data.Dataset.range(n)
+            batches = _decoded_batches(
+                ds, load, size, self.canvas_size, self.num_parallel_calls, False
+            )
         else:
             load = functools.partial(_load_record, self.canvas_size, self.skips)
-            ds = self.source.records(None).map(lambda ex: (ex["data"], ex["label"], ex["key"]))
-            ds = _decoded(ds, load, self.num_parallel_calls)
-            batches = _numpy_batches(ds, size, self.canvas_size, drop_remainder=False)
+            records = self.source.records(None)
+            batches = _decoded_batches(
+                records, load, size, self.canvas_size, self.num_parallel_calls, False
+            )
         count = 0
         for batch in batches:
             if "ok" in batch:

@@ -18,15 +18,13 @@ import numpy as np
 
 from dino_jax import recipe
 from dino_jax.config import default_config
+from dino_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD  # eval scripts' Normalize()
 from dino_jax.interop.official import infer_backbone, load_official
 from dino_jax.interop.pth import UnsafeCheckpointError
 from dino_jax.models.vit import VisionTransformer
 from dino_jax.recipe import attention_implementation
 
 _LOG = logging.getLogger(__name__)
-# Normalize() of the official eval_knn.py / eval_linear.py / visualize_attention.py.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 WHICH = ("teacher", "student")
 
 

@@ -80,7 +80,7 @@ class IndexedSource:
 class RecordSource:
     """Encoded examples only readable in sequence (TFDS TFRecord files).
 
-    records(seed) is a tf.data.Dataset of {"data", "label", "key"}: files and examples shuffled
+    records(seed) is a tf.data.Dataset of (data, label, key) tuples: files and examples shuffled
     with `seed` (an int), or in stored order when seed is None.
     """
 

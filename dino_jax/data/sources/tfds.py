@@ -129,11 +129,11 @@ def tfds_source(
             read_config=read_config,
         )
         return ds.map(
-            lambda ex: {
-                "data": ex[image_key],
-                "label": tf.cast(ex[label_key], tf.int32) if label_key else tf.constant(-1),
-                "key": ex["tfds_id"],
-            }
+            lambda ex: (
+                ex[image_key],
+                tf.cast(ex[label_key], tf.int32) if label_key else tf.constant(-1),
+                ex["tfds_id"],
+            )
         )
 
     return RecordSource(tag, length, stream, global_size)
