@@ -6,6 +6,16 @@ import jax
 import jax.numpy as jnp
 
 
+def teacher_logits_centered(teacher_logits: jax.Array, center: jax.Array, temp) -> jax.Array:
+    """(logits - center) / temp in float32: the teacher's sharpened, centred logits."""
+    return (teacher_logits.astype(jnp.float32) - center.astype(jnp.float32)) / temp
+
+
+def teacher_probs(teacher_logits: jax.Array, center: jax.Array, temp) -> jax.Array:
+    """The teacher's targets: softmax((logits - center) / temp) over the prototypes."""
+    return jax.nn.softmax(teacher_logits_centered(teacher_logits, center, temp), axis=-1)
+
+
 def dino_loss(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
@@ -27,10 +37,7 @@ def dino_loss(
     if n_teacher > n_student:
         raise ValueError(f"{n_teacher} teacher crops but only {n_student} student crops")
     log_p = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
-    q = jax.nn.softmax(
-        (teacher_logits.astype(jnp.float32) - center.astype(jnp.float32)) / teacher_temp, axis=-1
-    )
-    q = jax.lax.stop_gradient(q)
+    q = jax.lax.stop_gradient(teacher_probs(teacher_logits, center, teacher_temp))
     # (T, S) matrix of batch-summed cross-entropies, one contraction over (batch, K).
     cross = -jnp.einsum("tbk,sbk->ts", q, log_p, precision=jax.lax.Precision.HIGHEST)
     same_crop = jnp.arange(n_teacher)[:, None] == jnp.arange(n_student)[None, :]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from dino_jax.data.augment import MultiCropConfig, multicrop
-from dino_jax.loss import dino_loss, update_center
+from dino_jax.loss import dino_loss, teacher_logits_centered, teacher_probs, update_center
 from dino_jax.models.multicrop import MultiCropNetwork
 from dino_jax.schedules import Schedules
 from dino_jax.state import TrainState, ema
@@ -38,8 +38,9 @@ def collapse_metrics(teacher_logits: jax.Array, center: jax.Array, temp: jax.Arr
     and the KL to 0.
     """
     k = teacher_logits.shape[-1]
-    log_q = jax.nn.log_softmax((teacher_logits.astype(jnp.float32) - center) / temp, axis=-1)
-    q = jnp.exp(log_q)
+    # the loss's own expression, so that XLA computes the softmax once for both
+    q = teacher_probs(teacher_logits, center, temp)
+    log_q = jax.nn.log_softmax(teacher_logits_centered(teacher_logits, center, temp), axis=-1)
     entropy = -jnp.sum(q * log_q, axis=-1).mean()
     mean_q = q.reshape(-1, k).mean(0)
     kl_uniform = jnp.sum(mean_q * jnp.log(jnp.maximum(mean_q, 1e-30))) + jnp.log(k)
