@@ -58,3 +58,9 @@ def state_shardings(abstract_state, mesh: Mesh, fsdp: bool):
         return jax.tree.map(lambda _: replicated(mesh), abstract_state)
     n = mesh.shape[DATA_AXIS]
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), n)), abstract_state)
+
+
+def round_up(size: int, mesh: Mesh) -> int:
+    """The smallest multiple of the mesh's device count >= `size` (a padded batch size)."""
+    devices = mesh.shape[DATA_AXIS]
+    return -(-size // devices) * devices

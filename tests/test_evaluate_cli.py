@@ -13,6 +13,7 @@ from tiny import tiny_eval_config
 from dino_jax import parallel
 from dino_jax.checkpoint import flatten_config
 from dino_jax.evaluate.__main__ import apply_overrides, load_config_file, main, split_overrides
+from dino_jax.evaluate.features import feature_fn
 from dino_jax.evaluate.knn_eval import knn_evaluation
 from dino_jax.evaluate.probe import linear_config
 from dino_jax.evaluate.weights import WeightsError, config_from_flat, load_weights
@@ -139,7 +140,9 @@ def test_knn_command_on_a_trained_work_directory(workdir, tmp_path):
     config.data.eval_train_split = config.data.eval_test_split = "test"
     config.eval.knn_max_train = 1000
     config.eval.batch_size = 504  # a multiple of the 8 devices
+    compiled = feature_fn.cache_info().misses
     expected = knn_evaluation(config, backbone, variables, parallel.make_mesh())
+    assert feature_fn.cache_info().misses <= compiled + 1  # both splits: one feature function
     for key, value in expected.items():
         if key.startswith("knn/top"):
             assert first["metrics"][key] == pytest.approx(value), key

@@ -173,7 +173,7 @@ def _cached_features(config, backbone, variables, mesh, split, features_dir, ide
                 )
             _LOG.info("features of %s read from %s", split, path)
             return feats, labels
-    feats, labels = split_features(config, backbone, variables, mesh, split, progress=True)
+    feats, labels = split_features(config, backbone, variables, mesh, split, show_progress=True)
     if path and _writer():
         save_features(path, feats, labels, meta)
     return feats, labels
@@ -253,7 +253,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"error: --image {args.image}: no such file")
 
     from dino_jax import parallel
-    from dino_jax.evaluate.linear import round_up
     from dino_jax.evaluate.probe import linear_config
     from dino_jax.evaluate.weights import WeightsError, load_weights
     from dino_jax.interop.pth import UnsafeCheckpointError
@@ -279,8 +278,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f" {backbone.patch_size}"
             )
         mesh = parallel.make_mesh()
-        # Eval batches are padded and masked, so any size may be rounded up for the mesh.
-        config.eval.batch_size = round_up(config.eval.batch_size, mesh.devices.size)
         if args.command == "knn":
             result = run_knn(args, config, backbone, variables, info, mesh)
         else:

@@ -8,6 +8,7 @@ last n blocks, optionally with the mean patch token).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import jax
@@ -45,6 +46,7 @@ def linear_features(out, n_last_blocks: int, avgpool: bool) -> jax.Array:
     return jnp.concatenate(feats, axis=-1)
 
 
+@functools.lru_cache(maxsize=8)  # one compilation per setting, not per call
 def feature_fn(
     backbone: VisionTransformer,
     mesh: jax.sharding.Mesh,
@@ -111,11 +113,11 @@ def split_features(
     n_last_blocks: int = 0,
     avgpool: bool = False,
     batch_size: int | None = None,
-    progress: bool = False,
+    show_progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(features, labels) of `split` through the eval transform of `config` (CLS features, or
     the linear-probe ones with `n_last_blocks`); batches of `config.eval.batch_size` unless
-    `batch_size` is given; `progress`: a bar on process 0."""
+    `batch_size` is given (rounded up to fill the mesh); `show_progress`: a bar."""
     fn = feature_fn(
         backbone,
         mesh,
@@ -126,16 +128,17 @@ def split_features(
         n_last_blocks=n_last_blocks,
         avgpool=avgpool,
     )
-    batches = eval_data(config.data, split, batch_size or config.eval.batch_size)
-    if progress:
-        batches = tqdm(
-            batches,
-            total=batches.num_batches,
-            desc=f"features {split}",
-            leave=False,
-            disable=jax.process_index() != 0,
-        )
+    # eval batches are padded and masked: any size can be rounded up to fill the mesh
+    size = parallel.round_up(batch_size or config.eval.batch_size, mesh)
+    batches = eval_data(config.data, split, size)
+    if show_progress:
+        batches = progress(batches, total=batches.num_batches, desc=f"features {split}")
     return extract(fn, params, batches, mesh)
+
+
+def progress(iterable, **kw):
+    """A tqdm bar on process 0 that disappears when done."""
+    return tqdm(iterable, disable=jax.process_index() != 0, leave=False, **kw)
 
 
 def _gather(x: jax.Array) -> np.ndarray:

@@ -12,12 +12,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 from dino_jax import parallel
 from dino_jax.data import color, crops
 from dino_jax.data.pipeline import device_batches, train_data
-from dino_jax.evaluate.features import linear_features, split_features
+from dino_jax.evaluate.features import linear_features, progress, split_features
 from dino_jax.evaluate.probe import (
     LinearResult,
     ProbeState,
@@ -90,15 +89,6 @@ def train_step(
     return state, {"loss": loss, "out_of_range": jnp.sum(labels >= num_classes)}
 
 
-def round_up(batch_size: int, devices: int) -> int:
-    """A batch size the mesh splits evenly (extra rows are padding, masked out)."""
-    return -(-batch_size // devices) * devices
-
-
-def _progress(iterable, **kw):
-    return tqdm(iterable, disable=jax.process_index() != 0, leave=False, **kw)
-
-
 def linear_evaluation(
     config: ml_collections.ConfigDict,
     lin: ml_collections.ConfigDict,
@@ -131,8 +121,7 @@ def linear_evaluation(
         config.data.eval_test_split,
         n_last_blocks=n,
         avgpool=avgpool,
-        batch_size=round_up(config.eval.batch_size, devices),
-        progress=True,
+        show_progress=True,
     )
     num_classes = lin.num_classes or int(val_y.max()) + 1
     dim = val_x.shape[1]
@@ -172,7 +161,7 @@ def linear_evaluation(
     stream = device_batches(iter(data), mesh, config.data.prefetch)
     base_key = jax.random.fold_in(key, 1)
     history = []
-    bar = _progress(None, total=lin.epochs * steps, desc="linear probe")
+    bar = progress(None, total=lin.epochs * steps, desc="linear probe")
     for epoch in range(lin.epochs):
         losses, stray = [], []
         for _ in range(steps):
