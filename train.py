@@ -21,8 +21,7 @@ def unknown_overrides(argv: list[str]) -> list[str]:
 
     Checked before the flags are parsed: ml_collections would otherwise stop with a traceback.
     """
-    from dino_jax.checkpoint import flatten_config
-    from dino_jax.config import default_config
+    from dino_jax.config import default_config, flatten_config
 
     keys = list(flatten_config(default_config()))
     errors = []

@@ -14,6 +14,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from dino_jax.config import flatten_config
+
 _LOG = logging.getLogger(__name__)
 HISTORY = "checkpoints.jsonl"  # every checkpoint known complete: saved or restored from
 
@@ -41,21 +43,6 @@ OVERRIDABLE_PREFIXES = ("optim.epochs", "optim.lr", "optim.min_lr", "optim.weigh
 
 class CheckpointError(RuntimeError):
     """A work directory whose checkpoints cannot be resumed as asked."""
-
-
-def flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-
-    def visit(node, prefix):
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, (dict, ml_collections.ConfigDict)):
-                visit(value, name + ".")
-            else:
-                flat[name] = list(value) if isinstance(value, tuple) else value
-
-    visit(config.to_dict(), "")
-    return flat
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple]:

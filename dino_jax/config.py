@@ -10,6 +10,7 @@ import difflib
 import importlib.util
 import math
 import os
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -296,11 +297,13 @@ def _leaves(node, prefix: str = "") -> dict:
     return out
 
 
+def flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """{"section.key": value} with tuples as lists: the JSON form stored with checkpoints."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in _leaves(config).items()}
+
+
 def _declared_type(reference: ml_collections.ConfigDict, name: str) -> type:
-    *parents, leaf = name.split(".")
-    node = reference
-    for part in parents:
-        node = node[part]
+    node, leaf = dotted(reference, name)
     return node.get_type(leaf)
 
 

@@ -20,9 +20,8 @@ from dino_jax.checkpoint import (
     CheckpointError,
     check_resume_config,
     check_work_dir,
-    flatten_config,
 )
-from dino_jax.config import validate
+from dino_jax.config import flatten_config, validate
 from dino_jax.data import pipeline
 from dino_jax.data.augment import MultiCropConfig
 from dino_jax.data.decode import SkipLog

@@ -11,7 +11,7 @@ import pytest
 from tiny import tiny_eval_config
 
 from dino_jax import parallel
-from dino_jax.checkpoint import flatten_config
+from dino_jax.config import flatten_config
 from dino_jax.evaluate.__main__ import apply_overrides, load_config_file, main, split_overrides
 from dino_jax.evaluate.features import feature_fn
 from dino_jax.evaluate.knn_eval import knn_evaluation

@@ -10,7 +10,8 @@ import pytest
 from fault_helpers import assert_states_equal, finalised_steps, history, restore
 from tiny import tiny_config
 
-from dino_jax.checkpoint import CheckpointError, flatten_config
+from dino_jax.checkpoint import CheckpointError
+from dino_jax.config import flatten_config
 from dino_jax.trainer import train
 
 # A failed restore leaves Orbax's aborted asynchronous reads to the garbage collector, which

@@ -56,7 +56,7 @@ class WeightsInfo:
 
 
 def config_from_flat(flat: dict[str, Any]) -> ml_collections.ConfigDict:
-    """`checkpoint.flatten_config` output back onto `default_config()`.
+    """`config.flatten_config` output back onto `default_config()`.
 
     JSON turned tuples into lists; keys the current code no longer has are skipped with a
     warning, so an older work directory still evaluates.
