@@ -27,10 +27,6 @@ def path_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def map_with_names(fn: Callable[[str, Any], Any], tree: PyTree) -> PyTree:
-    return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_name(p), x), tree)
-
-
 def official_decay(name: str, param: jax.Array) -> bool:
     """utils.get_params_groups: no decay on biases and 1-D params (norm scales); cls_token,
     pos_embed and every other weight are decayed."""

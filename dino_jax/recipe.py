@@ -17,14 +17,13 @@ def backbone_kwargs(m: ml_collections.ConfigDict) -> dict:
     return dict(ARCHS[m.arch])
 
 
-def attention_implementation(setting: str, compute_dtype) -> str | None:
+def attention_implementation(setting: str) -> str | None:
     """The jax.nn.dot_product_attention implementation for `model.attention`.
 
     "auto" is XLA: cuDNN's fused kernel (JAX 0.11) refuses ViT sequence lengths such as
     197 = 14 * 14 + 1 in training (measured on an H100), so it is only used when asked for
     with "cudnn" (sequence lengths it supports, bf16/fp16 compute).
     """
-    del compute_dtype
     return "xla" if setting == "auto" else setting
 
 
@@ -40,7 +39,7 @@ def build_network(c: ml_collections.ConfigDict) -> MultiCropNetwork:
         drop_path_rate=m.drop_path_rate,
         dtype=compute,
         param_dtype=params,
-        attention_impl=attention_implementation(m.attention, compute),
+        attention_impl=attention_implementation(m.attention),
         **backbone_kwargs(m),
     )
     head = DINOHead(

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dino_jax.bench.step import xla_flops
 from dino_jax.data import augment
 
 # DESIGN.md, "Performance model": one ViT-S/16 training step per source image.
@@ -62,15 +63,6 @@ def matmul_gflop(cfg: augment.MultiCropConfig, canvas: int) -> float:
     return total / 1e9
 
 
-def _xla_flops(compiled) -> float | None:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"])
-
-
 def run(args: argparse.Namespace) -> dict:
     cfg = augment.MultiCropConfig(
         global_size=args.global_size, local_size=args.local_size, n_local=args.n_local
@@ -104,8 +96,8 @@ def run(args: argparse.Namespace) -> dict:
         jax.block_until_ready(compiled(jnp.int32(args.warmup + i), images, sizes))
         times.append(time.perf_counter() - start)
     ms = 1e3 * statistics.median(times)
-    xla_flops = _xla_flops(compiled)
-    xla_gflop = None if xla_flops is None else round(xla_flops / 1e9 / args.batch, 3)
+    xla = xla_flops(compiled)
+    xla_gflop = None if xla is None else round(xla / 1e9 / args.batch, 3)
     result = {
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),

@@ -198,8 +198,9 @@ def _load_pth(path: str, which: str, num_heads: int | None, dtype: str | None):
     except ValueError as err:
         raise WeightsError(f"{path}: {err} (--num_heads)") from err
     compute = jnp.dtype(dtype or "float32")
-    attention_impl = attention_implementation("auto", compute)
-    backbone = VisionTransformer(**arch, dtype=compute, attention_impl=attention_impl)
+    backbone = VisionTransformer(
+        **arch, dtype=compute, attention_impl=attention_implementation("auto")
+    )
     info = WeightsInfo(
         source="pth",
         path=path,

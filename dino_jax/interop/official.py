@@ -33,24 +33,10 @@ class OfficialCheckpoint:
     adam: dict[str, dict[str, np.ndarray]] | None = None  # student name -> step/exp_avg/...
     buffers: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
-    @property
-    def has_head(self) -> bool:
-        return "head" in self.teacher
-
-
-def _strip(state: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, Any]:
-    out = {}
-    for name, value in state.items():
-        for prefix in prefixes:
-            if name.startswith(prefix):
-                name = name[len(prefix) :]
-        out[name] = value
-    return out
-
 
 def _network(state: dict[str, Any], what: str, path: str) -> tuple[dict, dict]:
     """Params {'backbone', 'head'?} from a state dict with or without DDP/wrapper prefixes."""
-    state = _strip(dict(state), ("module.",))
+    state = {name.removeprefix("module."): value for name, value in state.items()}
     if not any(k.startswith("backbone.") for k in state):
         if "cls_token" not in state:
             raise ValueError(
