@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from dino_jax import recipe
-from dino_jax.config import default_config
+from dino_jax.config import default_config, dotted
 from dino_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD  # eval scripts' Normalize()
 from dino_jax.interop.official import infer_backbone, load_official
 from dino_jax.interop.pth import UnsafeCheckpointError
@@ -63,11 +63,8 @@ def config_from_flat(flat: dict[str, Any]) -> ml_collections.ConfigDict:
     """
     config = default_config()
     for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = config
         try:
-            for name in parents:
-                node = node[name]
+            node, leaf = dotted(config, key)
             current = node[leaf]
         except KeyError:
             _LOG.warning("saved config key %s is unknown here; ignored", key)
