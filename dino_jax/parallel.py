@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -17,6 +18,25 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     # jax.make_mesh defaults to explicit axis types in recent JAX; the step relies on the
     # compiler propagating shardings, so ask for automatic axes.
     return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def connect_processes(mesh: Mesh) -> None:
+    """Open the collectives between the processes of a multi-process mesh now, while they
+    are in step (every process must call this; a no-op for one process).
+
+    On CPU the collective library (gloo) connects a group of devices at its first collective
+    and gives up if the other processes arrive more than 30 s later; compiling a train step
+    on unevenly loaded hosts can take longer than that. Once connected, later collectives
+    wait for slow peers (a dead one is caught by the coordination service's heartbeat).
+    """
+    if jax.process_count() == 1:
+        return
+    ones = jax.make_array_from_process_local_data(
+        batch_sharding(mesh), np.ones(mesh.local_mesh.size, np.int32), (mesh.size,)
+    )
+    total = jax.jit(jnp.sum, out_shardings=replicated(mesh))(ones)
+    if int(total.addressable_data(0)) != mesh.size:
+        raise RuntimeError(f"{int(total.addressable_data(0))} of {mesh.size} devices answered")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

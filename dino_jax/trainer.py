@@ -67,6 +67,7 @@ def build_run(
 ) -> Run:
     mesh = parallel.make_mesh() if mesh is None else mesh
     validate(config, mesh.size, jax.process_count())
+    parallel.connect_processes(mesh)
     skips = SkipLog() if skips is None else skips
     data = pipeline.train_data(
         config.data, config.optim.batch_size, start_step=start_step, skips=skips

@@ -106,6 +106,13 @@ CASES = [
         "",
         ("tests/test_multihost_faults.py", "-k", "worker"),
     ),
+    Case(
+        "processes connect their collectives before anything slow",
+        "dino_jax/trainer.py",
+        "    parallel.connect_processes(mesh)\n",
+        "",
+        ("tests/test_multihost.py",),
+    ),
 ]
 
 

@@ -1,13 +1,17 @@
 """One process of a multi-process training run on CPU (see test_multihost.py).
 
-usage: python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz
+usage: python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz [LATE_S]
 Each process feeds its own rows of a fixed global batch; process 0 saves the final state.
+With LATE_S, process 1 starts compiling that many seconds after the others (an unevenly
+loaded host).
 """
 
 import os
 import sys
+import time
 
 process_id, num_processes, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+late_s = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // num_processes}"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,6 +42,8 @@ def global_batches():
 
 run = build_run(tiny_config(**{"optim.batch_size": BATCH}))
 assert run.mesh.size == 8 and jax.process_count() == num_processes
+if process_id == 1:
+    time.sleep(late_s)
 state, step = initial_state(run), compile_step(run)
 rows = slice(process_id * BATCH // num_processes, (process_id + 1) * BATCH // num_processes)
 for batch in global_batches():

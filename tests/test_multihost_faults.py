@@ -46,7 +46,11 @@ def launch(workdir, overrides: dict) -> list[subprocess.Popen]:
 def wait_for_checkpoint(workdir, procs, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not finalised_steps(workdir):
-        assert all(p.poll() is None for p in procs), "a process ended before its first save"
+        if any(p.poll() is not None for p in procs):
+            logs = [pathlib.Path(f"{workdir}.process{i}.log").read_text() for i in range(2)]
+            raise AssertionError(
+                "a process ended before its first save:\n" + "\n".join(x[-3000:] for x in logs)
+            )
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.1)
 
