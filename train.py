@@ -4,7 +4,6 @@ Without arguments it trains the demo (configs/demo.py) into workdirs/demo, resum
 directory already holds checkpoints.
 """
 
-import difflib
 import logging as std_logging
 import os
 import pathlib
@@ -21,7 +20,7 @@ def unknown_overrides(argv: list[str]) -> list[str]:
 
     Checked before the flags are parsed: ml_collections would otherwise stop with a traceback.
     """
-    from dino_jax.config import default_config, flatten_config
+    from dino_jax.config import closest_key, default_config, flatten_config
 
     keys = list(flatten_config(default_config()))
     errors = []
@@ -31,8 +30,8 @@ def unknown_overrides(argv: list[str]) -> list[str]:
         name = arg.removeprefix("--config.").split("=", 1)[0]
         if name in keys or any(k.startswith(name + ".") for k in keys):
             continue
-        close = difflib.get_close_matches(name, keys, n=1)
-        hint = f"; did you mean --config.{close[0]}?" if close else ""
+        close = closest_key(name, keys)
+        hint = f"; did you mean --config.{close}?" if close else ""
         errors.append(f"{arg}: config.{name} is not a setting{hint}")
     return errors
 

@@ -211,13 +211,11 @@ class Checkpointer:
 
 def _array_specs(tree) -> dict[str, tuple]:
     """Array name ("opt_state.1.mu.head.last_layer.kernel") -> (shape, dtype name)."""
-
-    def name(path) -> str:
-        parts = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
-        return ".".join(str(p) for p in parts)
-
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {name(p): (tuple(x.shape), str(x.dtype)) for p, x in leaves}
+    return {
+        jax.tree_util.keystr(p, simple=True, separator="."): (tuple(x.shape), str(x.dtype))
+        for p, x in leaves
+    }
 
 
 def _brief(err: Exception) -> str:

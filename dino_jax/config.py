@@ -10,6 +10,7 @@ import difflib
 import importlib.util
 import math
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import ml_collections
@@ -327,6 +328,12 @@ def _type_error(name: str, value, declared: type, default) -> str | None:
     return None
 
 
+def closest_key(name: str, keys: Iterable[str]) -> str | None:
+    """The key most like a misspelt `name`, if any is close."""
+    close = difflib.get_close_matches(name, list(keys), n=1)
+    return close[0] if close else None
+
+
 def schema_errors(c: ml_collections.ConfigDict) -> list[str]:
     """Keys unknown to default_config() (a typo would otherwise be ignored silently), keys
     missing from it, values of the wrong type and non-finite numbers."""
@@ -334,8 +341,8 @@ def schema_errors(c: ml_collections.ConfigDict) -> list[str]:
     expected, given = _leaves(reference), _leaves(c)
     errors = []
     for name in sorted(set(given) - set(expected)):
-        close = difflib.get_close_matches(name, list(expected), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        close = closest_key(name, expected)
+        hint = f" (did you mean {close}?)" if close else ""
         errors.append(f"{name}: unknown key{hint}; every key is declared in dino_jax/config.py")
     for name in sorted(set(expected) - set(given)):
         errors.append(f"{name}: missing; recipes start from default_config() and override it")

@@ -22,11 +22,6 @@ PyTree = Any
 PathPredicate = Callable[[str, jax.Array], bool]
 
 
-def path_name(path) -> str:
-    """'backbone/blocks_0/attn/qkv/bias' for a tree path (dict keys joined by '/')."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def official_decay(name: str, param: jax.Array) -> bool:
     """utils.get_params_groups: no decay on biases and 1-D params (norm scales); cls_token,
     pos_embed and every other weight are decayed."""
@@ -100,7 +95,7 @@ def torch_adamw(
         wd = weight_decay(step)
 
         def leaf(path, g, p, count, mu, nu):
-            name = path_name(path)
+            name = jax.tree_util.keystr(path, simple=True, separator="/")  # a/b/bias
             active = ~skipped(name, p, step) if skipped is not None else jnp.bool_(True)
             new_count = count + active.astype(jnp.int32)
             new_mu = b1 * mu + (1.0 - b1) * g

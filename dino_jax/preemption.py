@@ -1,4 +1,4 @@
-"""SIGTERM, a scheduler's preemption notice, as a stop the training loop checks every step."""
+"""Preemption notices (SIGTERM) for the training loop."""
 
 from __future__ import annotations
 

@@ -48,8 +48,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _one_multiprocess_run_at_a_time(request):
-    """Tests that start several jax.distributed processes take turns (across xdist workers):
-    two such runs at once on a small machine can miss gloo's 30 s rendezvous."""
+    """Tests that start several jax.distributed processes take turns (across xdist workers), so
+    that two such runs do not share the cores of a small machine."""
     if "multihost" not in request.node.nodeid and "two_processes" not in request.node.name:
         yield
         return

@@ -4,13 +4,13 @@ import itertools
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 from jax.sharding import PartitionSpec
+from localhost import free_port
 from tiny import data_config
 
 from dino_jax.data import pipeline
@@ -85,12 +85,6 @@ CHILD = textwrap.dedent(
     jax.distributed.shutdown()
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_each_feed_their_own_half(tmp_path):

@@ -2,19 +2,13 @@
 even when one of them reaches the first step much later than the other."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
+from localhost import free_port
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 # CPU collectives (gloo) give up on peers more than 30 s apart at their first collective;

@@ -5,22 +5,16 @@ makes both save the same checkpoint and exit 0."""
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 from fault_helpers import ROOT, TESTS, finalised_steps
+from localhost import free_port
 
 HEARTBEAT_S = 10  # --heartbeat_timeout_seconds: how long a silent process counts as alive
 BOUND_S = 60  # generous on 2 loaded cores; measured figures are in docs/reliability.md
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def launch(workdir, overrides: dict) -> list[subprocess.Popen]:
