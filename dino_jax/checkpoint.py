@@ -11,10 +11,7 @@ import time
 from typing import Any
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
-
-from dino_jax.config import flatten_config
 
 _LOG = logging.getLogger(__name__)
 HISTORY = "checkpoints.jsonl"  # every checkpoint known complete: saved or restored from
@@ -30,6 +27,7 @@ FREE_PREFIXES = (
     "train.allow_config_change",
     "train.skip_nonfinite_steps",
     "eval.",
+    "linear.",
     "data.num_parallel_calls",
     "data.prefetch",
     "data.data_dir",
@@ -57,10 +55,12 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[t
     return diffs
 
 
-def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[tuple]:
-    """Refuse a resume whose config changes shapes or the recipe; return allowed changes."""
-    diffs = config_differences(saved, flatten_config(config))
-    allow = config.train.allow_config_change
+def check_resume_config(
+    saved: dict[str, Any], current: dict[str, Any], allow: bool = False
+) -> list[tuple]:
+    """Refuse a resume whose (flattened) config changes shapes or the recipe; return the
+    allowed changes. `allow`: train.allow_config_change."""
+    diffs = config_differences(saved, current)
     refused = [
         d
         for d in diffs

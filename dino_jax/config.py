@@ -149,143 +149,291 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.attention_images = 0  # attention-map PNGs written at the end of training
     # At the end, also k-NN of the same network at its random init and of raw pixels.
     c.eval.report_baselines = False
+
+    # The linear probe of a frozen backbone (eval_linear.py defaults): `dino-jax-evaluate linear`.
+    c.linear = ml_collections.ConfigDict()
+    c.linear.epochs = 100
+    c.linear.lr = 0.001  # per 256 images: lr = lr * batch_size / 256
+    c.linear.batch_size = 1024  # global (official: 128 per GPU on 8 GPUs)
+    c.linear.momentum = 0.9  # SGD, no weight decay
+    c.linear.n_last_blocks = 4  # ViT-S: 4; ViT-B: 1 with avgpool
+    c.linear.avgpool = False  # append the mean patch token of the last block
+    c.linear.crop_scale = (0.08, 1.0)  # RandomResizedCrop's default area range
+    c.linear.val_every_epochs = 1
+    c.linear.steps_per_epoch = 0  # 0: one pass over the training split; > 0 caps it (smoke runs)
+    c.linear.num_classes = 0  # 0: largest validation label + 1
+    c.linear.seed = 0
     return c
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
-    """Raise ConfigError listing every invalid value of `c`, with what to do about it."""
+SECTIONS = ("model", "dino", "optim", "aug", "data", "train", "eval", "linear")
+
+
+def validate(
+    c: ml_collections.ConfigDict,
+    num_devices: int,
+    num_processes: int = 1,
+    sections: tuple[str, ...] = SECTIONS,
+) -> None:
+    """Raise ConfigError listing every invalid value of `c` in `sections`, with what to do.
+
+    Training checks every section; evaluation only the ones it reads (data, eval, linear).
+    """
     errors = schema_errors(c)
     if errors:  # the value checks below assume every key is there with its declared type
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    checks = {
+        "model": lambda: model_errors(c.model),
+        "dino": lambda: dino_errors(c.dino),
+        "optim": lambda: optim_errors(c.optim, c.dino, num_devices, num_processes),
+        "aug": lambda: aug_errors(c.aug, c.model.patch_size),
+        "data": lambda: data_errors(c.data, c.seed, c.init_from),
+        "train": lambda: train_errors(c.train),
+        "eval": lambda: eval_errors(c.eval, c.model.patch_size, num_devices),
+        "linear": lambda: linear_errors(c.linear),
+    }
+    for section in sections:
+        errors += checks[section]()
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
-    def check(ok: bool, message: str) -> None:
+
+class _Errors(list):
+    def check(self, ok: bool, message: str) -> None:
         if not ok:
-            errors.append(message)
+            self.append(message)
 
-    m, d, o, a = c.model, c.dino, c.optim, c.aug
-    check(
+    def positive_int(self, name: str, value) -> None:
+        self.check(
+            isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            f"{name}={value!r}: must be a positive int",
+        )
+
+
+def model_errors(m: ml_collections.ConfigDict) -> list[str]:
+    e = _Errors()
+    e.check(
         m.arch in ARCHS or m.arch == "custom",
         f"model.arch={m.arch!r}: use one of {sorted(ARCHS)} or 'custom'",
     )
     if m.arch == "custom":
         for key in ("embed_dim", "depth", "num_heads"):
             value = m[key]
-            check(
+            e.check(
                 isinstance(value, int) and value > 0,
                 f"model.{key}={value!r}: a positive int is needed with arch='custom'",
             )
         if isinstance(m.embed_dim, int) and isinstance(m.num_heads, int) and m.num_heads > 0:
-            check(
+            e.check(
                 m.embed_dim % m.num_heads == 0,
                 f"model.embed_dim={m.embed_dim} is not divisible by num_heads={m.num_heads}",
             )
-    _positive_int(check, "model.patch_size", m.patch_size)
-    _positive_int(check, "model.out_dim", m.out_dim)
-    _positive_int(check, "model.head_nlayers", m.head_nlayers)
-    _positive_int(check, "model.head_hidden_dim", m.head_hidden_dim)
-    _positive_int(check, "model.head_bottleneck_dim", m.head_bottleneck_dim)
-    check(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate}: use [0, 1)")
+    for key in ("patch_size", "out_dim", "head_nlayers", "head_hidden_dim", "head_bottleneck_dim"):
+        e.positive_int(f"model.{key}", m[key])
+    e.check(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate}: use [0, 1)")
     for key in ("compute_dtype", "param_dtype"):
-        check(m[key] in DTYPES, f"model.{key}={m[key]!r}: use one of {DTYPES}")
-    check(
+        e.check(m[key] in DTYPES, f"model.{key}={m[key]!r}: use one of {DTYPES}")
+    e.check(
         m.attention in ("auto", "xla", "cudnn"),
         f"model.attention={m.attention!r}: use auto, xla or cudnn",
     )
+    return e
 
+
+def dino_errors(d: ml_collections.ConfigDict) -> list[str]:
+    e = _Errors()
     for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
-        check(0.0 < d[key] <= 1.0, f"dino.{key}={d[key]}: a temperature in (0, 1] is needed")
-    check(
+        e.check(0.0 < d[key] <= 1.0, f"dino.{key}={d[key]}: a temperature in (0, 1] is needed")
+    e.check(
         0.0 <= d.momentum_teacher <= 1.0,
         f"dino.momentum_teacher={d.momentum_teacher}: use [0, 1] (official 0.996)",
     )
-    check(
+    e.check(
         0.0 <= d.center_momentum < 1.0,
         f"dino.center_momentum={d.center_momentum}: use [0, 1) (official 0.9)",
     )
+    return e
 
-    _positive_int(check, "optim.batch_size", o.batch_size)
-    _positive_int(check, "optim.epochs", o.epochs)
+
+def optim_errors(o, d, num_devices: int, num_processes: int) -> list[str]:
+    e = _Errors()
+    e.positive_int("optim.batch_size", o.batch_size)
+    e.positive_int("optim.epochs", o.epochs)
     if isinstance(o.batch_size, int) and o.batch_size > 0:
-        check(
+        e.check(
             o.batch_size % num_devices == 0,
             f"optim.batch_size={o.batch_size} is not divisible by the {num_devices} devices:"
             f" use a multiple of {num_devices}",
         )
-        check(
+        e.check(
             o.batch_size % num_processes == 0,
             f"optim.batch_size={o.batch_size} is not divisible by the {num_processes} processes",
         )
-    check(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
-    check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr}: use [0, optim.lr]")
-    check(o.weight_decay >= 0 and o.weight_decay_end >= 0, "optim.weight_decay(_end) must be >= 0")
-    check(o.clip_grad >= 0, f"optim.clip_grad={o.clip_grad}: >= 0 (0 disables clipping)")
+    e.check(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
+    e.check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr}: use [0, optim.lr]")
+    e.check(
+        o.weight_decay >= 0 and o.weight_decay_end >= 0, "optim.weight_decay(_end) must be >= 0"
+    )
+    e.check(o.clip_grad >= 0, f"optim.clip_grad={o.clip_grad}: >= 0 (0 disables clipping)")
     if isinstance(o.epochs, int):
         for key, value in [
             ("optim.warmup_epochs", o.warmup_epochs),
             ("optim.freeze_last_layer", o.freeze_last_layer),
             ("dino.warmup_teacher_temp_epochs", d.warmup_teacher_temp_epochs),
         ]:
-            check(
+            e.check(
                 isinstance(value, int) and 0 <= value <= o.epochs,
                 f"{key}={value}: an int in [0, optim.epochs={o.epochs}] (the schedule cannot be"
                 " longer than training)",
             )
+    return e
 
-    _validate_aug(check, a, m.patch_size)
-    check(
-        c.data.source in ("tfds", "folder", "demo", "synthetic"),
-        f"data.source={c.data.source!r}: use tfds, folder, demo or synthetic",
+
+def aug_errors(a: ml_collections.ConfigDict, patch_size) -> list[str]:
+    """The multi-crop settings (dino_jax.data.augment.MultiCropConfig is built from them)."""
+    e = _Errors()
+    for name in ("global_size", "local_size", "n_global"):
+        e.check(a[name] >= 1, f"aug.{name} must be >= 1, got {a[name]}")
+    e.check(a.n_local >= 0, f"aug.n_local must be >= 0, got {a.n_local}")
+    e.check(a.n_global == 2, f"aug.n_global={a.n_global}: DINO uses exactly 2 global crops")
+    pairs = {}
+    for name in ("global_scale", "local_scale", "ratio", "blur_radius"):
+        if len(a[name]) != 2:
+            e.append(f"aug.{name} needs two values (min, max), got {a[name]}")
+        else:
+            pairs[name] = (float(a[name][0]), float(a[name][1]))
+    for name in ("global_scale", "local_scale"):
+        if name in pairs:
+            lo, hi = pairs[name]
+            e.check(
+                0.0 < lo <= hi <= 1.0,
+                f"aug.{name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}",
+            )
+    if "ratio" in pairs:
+        lo, hi = pairs["ratio"]
+        e.check(0.0 < lo <= hi, f"aug.ratio must satisfy 0 < min <= max, got {(lo, hi)}")
+    if "blur_radius" in pairs:
+        lo, hi = pairs["blur_radius"]
+        e.check(0.0 <= lo <= hi, f"aug.blur_radius must satisfy 0 <= min <= max, got {(lo, hi)}")
+    probs = {
+        name: a[name] for name in ("flip_prob", "jitter_prob", "grayscale_prob", "local_blur_prob")
+    }
+    for name in ("global_blur_prob", "global_solarize_prob"):
+        values = a[name]
+        if len(values) != a.n_global:
+            e.append(
+                f"aug.{name} needs one value per global crop (n_global = {a.n_global}),"
+                f" got {values}"
+            )
+        probs.update({f"{name}[{i}]": p for i, p in enumerate(values)})
+    for name, p in probs.items():
+        e.check(0.0 <= p <= 1.0, f"aug.{name} is a probability, must be in [0, 1], got {p}")
+    for name in ("brightness", "contrast", "saturation"):
+        e.check(a[name] >= 0.0, f"aug.{name} must be >= 0, got {a[name]}")
+    e.check(0.0 <= a.hue <= 0.5, f"aug.hue must be in [0, 0.5], got {a.hue}")
+    if len(a.mean) != 3 or len(a.std) != 3:
+        e.append(f"aug.mean and aug.std need 3 values, got {a.mean}, {a.std}")
+    elif min(a.std) <= 0.0:
+        e.append(f"aug.std must be positive, got {a.std}")
+    if isinstance(patch_size, int) and patch_size > 0:
+        for key in ("global_size", "local_size"):
+            value = a[key]
+            e.check(
+                isinstance(value, int) and value % patch_size == 0,
+                f"aug.{key}={value} is not a multiple of model.patch_size={patch_size}:"
+                " the crop must split into whole patches",
+            )
+    return e
+
+
+def data_errors(data: ml_collections.ConfigDict, seed: int, init_from: str) -> list[str]:
+    e = _Errors()
+    e.check(
+        data.source in ("tfds", "folder", "demo", "synthetic"),
+        f"data.source={data.source!r}: use tfds, folder, demo or synthetic",
     )
-    if c.data.source == "folder":
-        check(bool(c.data.data_dir), "data.data_dir is empty: give the image folder to train on")
-        check(
-            not c.data.data_dir or os.path.isdir(os.path.expanduser(c.data.data_dir)),
-            f"data.data_dir={c.data.data_dir!r} is not a directory: give the image folder",
+    if data.source == "folder":
+        e.check(bool(data.data_dir), "data.data_dir is empty: give the image folder to train on")
+        e.check(
+            not data.data_dir or os.path.isdir(os.path.expanduser(data.data_dir)),
+            f"data.data_dir={data.data_dir!r} is not a directory: give the image folder",
         )
-    if c.data.source == "synthetic":
-        _positive_int(check, "data.synthetic_examples", c.data.synthetic_examples)
-        _positive_int(check, "data.synthetic_classes", c.data.synthetic_classes)
-    check(c.data.seed >= 0 and c.seed >= 0, "seed and data.seed must be >= 0")
-    check(c.data.prefetch >= 0, f"data.prefetch={c.data.prefetch}: must be >= 0")
-    check(
-        not c.init_from or os.path.isfile(os.path.expanduser(c.init_from)),
-        f"init_from={c.init_from!r} is not a file: give an official checkpoint.pth or leave it ''",
+    if data.source == "synthetic":
+        e.positive_int("data.synthetic_examples", data.synthetic_examples)
+        e.positive_int("data.synthetic_classes", data.synthetic_classes)
+    e.check(data.seed >= 0 and seed >= 0, "seed and data.seed must be >= 0")
+    e.check(data.prefetch >= 0, f"data.prefetch={data.prefetch}: must be >= 0")
+    e.check(
+        not init_from or os.path.isfile(os.path.expanduser(init_from)),
+        f"init_from={init_from!r} is not a file: give an official checkpoint.pth or leave it ''",
     )
-    _positive_int(check, "data.canvas_size", c.data.canvas_size)
-    _positive_int(check, "train.log_every_steps", c.train.log_every_steps)
-    _positive_int(check, "train.checkpoint_every_steps", c.train.checkpoint_every_steps)
-    _positive_int(check, "train.keep_checkpoints", c.train.keep_checkpoints)
-    if c.train.max_steps is not None:
-        _positive_int(check, "train.max_steps", c.train.max_steps)
-    check(c.train.skip_nonfinite_steps >= 0, "train.skip_nonfinite_steps must be >= 0")
-    check(c.eval.knn_every_epochs >= 0, "eval.knn_every_epochs must be >= 0 (0: end only)")
-    check(
-        all(isinstance(k, int) and k > 0 for k in c.eval.knn_ks),
-        f"eval.knn_ks={c.eval.knn_ks}: positive ints",
+    e.positive_int("data.canvas_size", data.canvas_size)
+    return e
+
+
+def train_errors(t: ml_collections.ConfigDict) -> list[str]:
+    e = _Errors()
+    for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        e.positive_int(f"train.{key}", t[key])
+    if t.max_steps is not None:
+        e.positive_int("train.max_steps", t.max_steps)
+    e.check(t.skip_nonfinite_steps >= 0, "train.skip_nonfinite_steps must be >= 0")
+    return e
+
+
+def eval_errors(v: ml_collections.ConfigDict, patch_size, num_devices: int) -> list[str]:
+    e = _Errors()
+    e.check(v.knn_every_epochs >= 0, "eval.knn_every_epochs must be >= 0 (0: end only)")
+    e.check(
+        all(isinstance(k, int) and k > 0 for k in v.knn_ks),
+        f"eval.knn_ks={v.knn_ks}: positive ints",
     )
-    check(c.eval.knn_temperature > 0, "eval.knn_temperature must be > 0")
-    _positive_int(check, "eval.resize", c.eval.resize)
-    _positive_int(check, "eval.crop", c.eval.crop)
-    check(c.eval.knn_max_train >= 0, "eval.knn_max_train must be >= 0 (0: the whole split)")
-    check(c.eval.attention_images >= 0, "eval.attention_images must be >= 0")
-    check(
-        c.eval.crop <= c.eval.resize,
-        f"eval.crop={c.eval.crop} is larger than eval.resize={c.eval.resize}",
-    )
-    if isinstance(m.patch_size, int) and m.patch_size > 0:
-        check(
-            c.eval.crop % m.patch_size == 0,
-            f"eval.crop={c.eval.crop} is not a multiple of model.patch_size={m.patch_size}",
+    e.check(v.knn_temperature > 0, "eval.knn_temperature must be > 0")
+    e.positive_int("eval.resize", v.resize)
+    e.positive_int("eval.crop", v.crop)
+    e.check(v.knn_max_train >= 0, "eval.knn_max_train must be >= 0 (0: the whole split)")
+    e.check(v.attention_images >= 0, "eval.attention_images must be >= 0")
+    e.check(v.crop <= v.resize, f"eval.crop={v.crop} is larger than eval.resize={v.resize}")
+    if isinstance(patch_size, int) and patch_size > 0:
+        e.check(
+            v.crop % patch_size == 0,
+            f"eval.crop={v.crop} is not a multiple of model.patch_size={patch_size}",
         )
-    _positive_int(check, "eval.batch_size", c.eval.batch_size)
-    if isinstance(c.eval.batch_size, int) and c.eval.batch_size > 0:
-        check(
-            c.eval.batch_size % num_devices == 0,
-            f"eval.batch_size={c.eval.batch_size} is not divisible by the {num_devices} devices:"
+    e.positive_int("eval.batch_size", v.batch_size)
+    if isinstance(v.batch_size, int) and v.batch_size > 0:
+        e.check(
+            v.batch_size % num_devices == 0,
+            f"eval.batch_size={v.batch_size} is not divisible by the {num_devices} devices:"
             f" use a multiple of {num_devices}",
         )
-    if errors:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    return e
+
+
+def linear_errors(lin: ml_collections.ConfigDict, depth: int | None = None) -> list[str]:
+    """The linear probe's settings; `depth`: the probed backbone's, when known."""
+    return [
+        f"linear.{key}={lin[key]!r}: {need}"
+        for key, ok, need in [
+            ("epochs", lin.epochs >= 1, "at least 1"),
+            ("lr", lin.lr > 0, "must be > 0"),
+            ("batch_size", lin.batch_size >= 1, "at least 1"),
+            ("momentum", 0 <= lin.momentum < 1, "in [0, 1)"),
+            (
+                "n_last_blocks",
+                1 <= lin.n_last_blocks <= (depth or lin.n_last_blocks),
+                f"in [1, depth={depth}]",
+            ),
+            (
+                "crop_scale",
+                len(lin.crop_scale) == 2 and 0 < lin.crop_scale[0] <= lin.crop_scale[1] <= 1,
+                "0 < lo <= hi <= 1",
+            ),
+            ("val_every_epochs", lin.val_every_epochs >= 1, "at least 1"),
+            ("steps_per_epoch", lin.steps_per_epoch >= 0, ">= 0 (0: the whole split)"),
+            ("num_classes", lin.num_classes >= 0, ">= 0 (0: from the labels)"),
+        ]
+        if not ok
+    ]
 
 
 def _leaves(node, prefix: str = "") -> dict:
@@ -352,28 +500,3 @@ def schema_errors(c: ml_collections.ConfigDict) -> list[str]:
         if error:
             errors.append(error)
     return errors
-
-
-def _positive_int(check, name: str, value) -> None:
-    check(
-        isinstance(value, int) and not isinstance(value, bool) and value > 0,
-        f"{name}={value!r}: must be a positive int",
-    )
-
-
-def _validate_aug(check, a: ml_collections.ConfigDict, patch_size) -> None:
-    from dino_jax.data.augment import MultiCropConfig
-
-    try:
-        MultiCropConfig.from_config(a)
-    except (ValueError, TypeError) as err:
-        check(False, str(err))
-    check(a.n_global == 2, f"aug.n_global={a.n_global}: DINO uses exactly 2 global crops")
-    if isinstance(patch_size, int) and patch_size > 0:
-        for key in ("global_size", "local_size"):
-            value = a[key]
-            check(
-                isinstance(value, int) and value % patch_size == 0,
-                f"aug.{key}={value} is not a multiple of model.patch_size={patch_size}:"
-                " the crop must split into whole patches",
-            )

@@ -2,6 +2,7 @@
 
 Only process 0 writes; every process may call. `train.jsonl` holds one object per logged
 step; `tensorboard/` holds event files (`tensorboard --logdir <workdir>/tensorboard`).
+While the progress bar is shown, log records go out above it (see `_LogsAboveBar`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,52 @@ import jax
 from dino_jax.tensorboard import ScalarWriter
 
 _LOG = logging.getLogger(__name__)
+
+
+class _LogsAboveBar:
+    """Has the root logger's handlers clear the bar before writing a record, then redraw it.
+
+    A bar keeps its cursor at the end of its own line, so a handler writing to the same
+    terminal would append to the bar's text. Each handler's `emit` is wrapped in tqdm's
+    `external_write_mode` for as long as the bar lives. The handlers themselves stay in
+    place: train.py adds filters to absl's handler, and pytest removes its own handlers by
+    identity, which replacing them with wrappers would break. `emit` runs only for records
+    that passed the handler's level and filters, so dropped records leave the bar alone.
+    Only the root logger's handlers are wrapped: the records of our modules, of absl
+    (train.py, Orbax) and of JAX reach them by propagation.
+    """
+
+    def __init__(self, bar):
+        from absl.logging import ABSLHandler
+
+        self._wrapped = []  # (handler, its own instance-level emit or None, our wrapper)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, ABSLHandler):
+                # absl's handler hands each record to its inner handler's handle(), never
+                # calling its own emit(): the inner one is where the writing happens.
+                handler = handler.python_handler
+            own = vars(handler).get("emit")
+            wrapper = self._wrap(bar, handler.emit)
+            handler.emit = wrapper
+            self._wrapped.append((handler, own, wrapper))
+
+    @staticmethod
+    def _wrap(bar, emit):
+        def emit_above_bar(record):
+            with type(bar).external_write_mode(file=bar.fp):
+                emit(record)
+
+        return emit_above_bar
+
+    def restore(self) -> None:
+        for handler, own, wrapper in self._wrapped:
+            if vars(handler).get("emit") is not wrapper:
+                continue  # someone else has rewrapped it since: leave theirs
+            if own is None:
+                del handler.emit
+            else:
+                handler.emit = own
+        self._wrapped = []
 
 
 class MetricLogger:
@@ -35,6 +82,7 @@ class MetricLogger:
         self._window_start = (start_step, time.perf_counter())
         self._postfix: dict[str, str] = {}  # the last loss and images/s shown on the bar
         self._bar = None
+        self._logs_above_bar = None
         if not self.active:
             return
         self._jsonl = open(os.path.join(workdir, "train.jsonl"), "a")  # noqa: SIM115
@@ -43,6 +91,7 @@ class MetricLogger:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self._logs_above_bar = _LogsAboveBar(self._bar)
 
     def train(self, step: int, values: dict[str, float], skips=None) -> None:
         """Per-step training metrics: the bar moves every step, records every log_every."""
@@ -82,6 +131,9 @@ class MetricLogger:
     def close(self) -> None:
         if not self.active:
             return
+        if self._logs_above_bar is not None:
+            self._logs_above_bar.restore()
+            self._logs_above_bar = None
         if self._bar is not None:
             self._bar.close()
         self._jsonl.close()

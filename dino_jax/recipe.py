@@ -1,14 +1,20 @@
-"""The pieces of a DINO run built from a config: network, schedules, optimiser."""
+"""The static parts of a DINO run built from a config: network, schedules, optimiser, crops."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import ml_collections
 
+from dino_jax.data.augment import MultiCropConfig
 from dino_jax.models import DINOHead, MultiCropNetwork, VisionTransformer
 from dino_jax.models.vit import ARCHS
 from dino_jax.optim import dino_optimizer
 from dino_jax.schedules import Schedules
+from dino_jax.state import TrainState, abstract_state, init_state, sample_crops
+from dino_jax.train_step import DinoHParams
 
 
 def backbone_kwargs(m: ml_collections.ConfigDict) -> dict:
@@ -76,3 +82,34 @@ def build_optimizer(c: ml_collections.ConfigDict, schedules: Schedules):
     return dino_optimizer(
         schedules, clip_grad=c.optim.clip_grad, norm_last_layer=c.model.norm_last_layer
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Everything static about a configured run once its epoch length is known."""
+
+    hp: DinoHParams  # network, optimiser, schedules, loss temperatures
+    aug: MultiCropConfig
+    compute_dtype: jnp.dtype
+
+    def sample_crops(self) -> tuple[jax.Array, ...]:
+        return sample_crops(self.aug, self.compute_dtype)
+
+    def init_state(self, key: jax.Array) -> TrainState:
+        return init_state(self.hp.model, self.hp.tx, self.sample_crops(), key)
+
+    def abstract_state(self) -> TrainState:
+        return abstract_state(self.hp.model, self.hp.tx, self.sample_crops())
+
+
+def build(c: ml_collections.ConfigDict, steps_per_epoch: int) -> Recipe:
+    """The recipe of a validated config (dino_jax.config.validate) for epochs of that length."""
+    schedules = build_schedules(c, steps_per_epoch)
+    hp = DinoHParams(
+        model=build_network(c),
+        tx=build_optimizer(c, schedules),
+        schedules=schedules,
+        student_temp=c.dino.student_temp,
+        center_momentum=c.dino.center_momentum,
+    )
+    return Recipe(hp, MultiCropConfig.from_config(c.aug), jnp.dtype(c.model.compute_dtype))

@@ -1,8 +1,10 @@
 """A dependency-free TensorBoard scalar writer (event files: TFRecord framing, Event protos).
 
-Training runs on machines without TensorFlow or tensorboard installed, so the few bytes of
-the format are written here: records of (length, masked CRC32C, data, masked CRC32C) around
-`Event` protocol buffers holding scalar summaries.
+Training needs neither TensorFlow nor the `tensorboard` package to write these files: all it
+logs is scalars, and their format is a few lines, written here. Each record is (length,
+masked CRC32C, data, masked CRC32C) around an `Event` protocol buffer holding a scalar
+summary. Viewing them needs `tensorboard` (`tensorboard --logdir`), whose own reader works
+without TensorFlow; tests/test_tensorboard.py reads our files back with it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ _TABLE = _crc32c_table()
 
 
 def crc32c(data: bytes) -> int:
+    # A per-byte loop in Python: about 0.3 ms for a record of 30 scalars (~900 bytes),
+    # written once every log_every_steps, so nothing faster is worth a dependency.
     crc = 0xFFFFFFFF
     for byte in data:
         crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)

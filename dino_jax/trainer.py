@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -23,11 +24,11 @@ from dino_jax.checkpoint import (
 )
 from dino_jax.config import flatten_config, validate
 from dino_jax.data import pipeline
-from dino_jax.data.augment import MultiCropConfig
 from dino_jax.data.decode import SkipLog
+from dino_jax.evaluate.during_training import TrainingEvaluator
 from dino_jax.metrics_log import MetricLogger
 from dino_jax.preemption import Preemption
-from dino_jax.state import TrainState, create_state
+from dino_jax.state import TrainState
 from dino_jax.train_step import DinoHParams, train_step
 
 _LOG = logging.getLogger(__name__)
@@ -52,11 +53,14 @@ class Run:
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
     data: pipeline.TrainData
-    hp: DinoHParams
-    aug: MultiCropConfig
+    recipe: recipe.Recipe
     abstract_state: Any
     state_sharding: Any
     skips: SkipLog
+
+    @property
+    def hp(self) -> DinoHParams:
+        return self.recipe.hp
 
 
 def build_run(
@@ -65,49 +69,23 @@ def build_run(
     mesh: jax.sharding.Mesh | None = None,
     skips: SkipLog | None = None,
 ) -> Run:
+    """The static parts of a run of `config`, which must have passed config.validate."""
     mesh = parallel.make_mesh() if mesh is None else mesh
-    validate(config, mesh.size, jax.process_count())
     parallel.connect_processes(mesh)
     skips = SkipLog() if skips is None else skips
     data = pipeline.train_data(
         config.data, config.optim.batch_size, start_step=start_step, skips=skips
     )
-    schedules = recipe.build_schedules(config, data.steps_per_epoch)
-    model = recipe.build_network(config)
-    hp = DinoHParams(
-        model=model,
-        tx=recipe.build_optimizer(config, schedules),
-        schedules=schedules,
-        student_temp=config.dino.student_temp,
-        center_momentum=config.dino.center_momentum,
-    )
-    aug = MultiCropConfig.from_config(config.aug)
-    abstract_state = jax.eval_shape(functools.partial(init_state, config, hp), jax.random.key(0))
-    shardings = parallel.state_shardings(abstract_state, mesh, config.train.fsdp)
-    return Run(config, mesh, data, hp, aug, abstract_state, shardings, skips)
-
-
-def sample_crops(config: ml_collections.ConfigDict, batch: int = 2) -> tuple[jax.Array, ...]:
-    a = config.aug
-    dtype = jnp.dtype(config.model.compute_dtype)
-    crops = [jnp.zeros((batch, a.n_global, a.global_size, a.global_size, 3), dtype)]
-    if a.n_local:
-        crops.append(jnp.zeros((batch, a.n_local, a.local_size, a.local_size, 3), dtype))
-    return tuple(crops)
-
-
-def init_state(config: ml_collections.ConfigDict, hp: DinoHParams, key: jax.Array) -> TrainState:
-    variables = hp.model.init({"params": key}, sample_crops(config))
-    return create_state(variables["params"], hp.tx, config.model.out_dim)
+    built = recipe.build(config, data.steps_per_epoch)
+    abstract = built.abstract_state()
+    shardings = parallel.state_shardings(abstract, mesh, config.train.fsdp)
+    return Run(config, mesh, data, built, abstract, shardings, skips)
 
 
 def initial_state(run: Run) -> TrainState:
     """A fresh sharded state, or one started from an official checkpoint (init_from)."""
     key = jax.random.key(run.config.seed)
-    init = jax.jit(
-        functools.partial(init_state, run.config, run.hp), out_shardings=run.state_sharding
-    )
-    state = init(key)
+    state = jax.jit(run.recipe.init_state, out_shardings=run.state_sharding)(key)
     if run.config.init_from:
         state = start_from_official(run, state)
     return state
@@ -152,8 +130,8 @@ def compile_step(run: Run):
     step = functools.partial(
         train_step,
         hp=run.hp,
-        aug=run.aug,
-        compute_dtype=jnp.dtype(run.config.model.compute_dtype),
+        aug=run.recipe.aug,
+        compute_dtype=run.recipe.compute_dtype,
         skip_nonfinite=run.config.train.skip_nonfinite_steps > 0,
     )
     batch_sharding = parallel.batch_sharding(run.mesh)
@@ -165,12 +143,15 @@ def compile_step(run: Run):
     )
 
 
-def restore_or_init(run: Run, ckpt: Checkpointer, config) -> TrainState:
+def restore_or_init(run: Run, ckpt: Checkpointer, flat_config: dict[str, Any]) -> TrainState:
+    """The latest checkpoint's state if there is one (its config checked against
+    `flat_config`), else a fresh one."""
     latest = ckpt.latest_step()
     if latest is None:
         return initial_state(run)
     meta = ckpt.read_meta(latest)
-    for key, old, new in check_resume_config(meta.get("config", {}), config):
+    allow = run.config.train.allow_config_change
+    for key, old, new in check_resume_config(meta.get("config", {}), flat_config, allow):
         _LOG.warning("resuming with %s changed: %r -> %r", key, old, new)
     if meta.get("steps_per_epoch", run.data.steps_per_epoch) != run.data.steps_per_epoch:
         _LOG.warning(
@@ -214,13 +195,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
     check_work_dir(workdir, latest)
     start = latest or 0
     run = build_run(config, start_step=start, mesh=mesh, skips=skip_log(workdir))
-    state = restore_or_init(run, ckpt, config)
+    flat = flatten_config(config)
+    state = restore_or_init(run, ckpt, flat)
     if int(jax.device_get(state.step)) != start:
         raise CheckpointError(f"restored step {int(state.step)} but expected {start}")
     spe = run.data.steps_per_epoch
     total = config.optim.epochs * spe
     last = total if config.train.max_steps is None else min(total, config.train.max_steps)
-    meta = {"config": flatten_config(config), "steps_per_epoch": spe}
+    done_before = read_final(workdir, total)
+    if start == total and done_before is not None:
+        # A finished run started again: nothing to train, save or evaluate a second time.
+        _LOG.info("the run finished at step %d; its final evaluation is in %s", total, FINAL)
+        return TrainResult(state=state, status="finished", steps_per_epoch=spe, metrics=done_before)
+    meta = {"config": flat, "steps_per_epoch": spe}
     logger = MetricLogger(
         workdir,
         total_steps=last,
@@ -231,7 +218,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
     )
     step_fn = compile_step(run)
     base_key = jax.random.key(config.seed)
-    evaluator = _evaluator(config, run, workdir)
+    evaluator = (
+        TrainingEvaluator(config, run.recipe, run.mesh, workdir)
+        if config.data.eval_test_split
+        else None
+    )
     status, metrics = "finished", {}
     pending: tuple[int, Any] | None = None  # (step, device metrics) fetched one step late
     bad_in_a_row = 0
@@ -287,12 +278,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
         metrics = settle() or metrics
         if status != "preempted":
             status = "finished" if last == total else "max_steps"
-            save(last, force=True)
+            if start < last:
+                save(last, force=True)
         ckpt.wait()
-        if status == "finished" and evaluator:
-            final = evaluator(state, config.optim.epochs, final=True)
+        if status == "finished":
+            final = evaluator(state, config.optim.epochs, final=True) if evaluator else {}
             logger.record(last, final)
             metrics.update(final)
+            write_final(workdir, total, metrics)
     finally:
         ckpt.wait()
         logger.close()
@@ -327,39 +320,24 @@ def _nonfinite_message(
     )
 
 
-class Evaluator:
-    """k-NN of the teacher backbone every `eval.knn_every_epochs` epochs and at the end;
-    attention maps of a few held-out images at the end."""
-
-    def __init__(self, config, run: Run, workdir: str):
-        self.config, self.run, self.workdir = config, run, workdir
-
-    def due(self, epoch: int) -> bool:
-        every = self.config.eval.knn_every_epochs
-        return bool(every) and epoch % every == 0 and epoch < self.config.optim.epochs
-
-    def __call__(self, state: TrainState, epoch: int, final: bool = False) -> dict[str, float]:
-        from dino_jax.evaluate.knn_eval import knn_evaluation
-
-        backbone = self.run.hp.model.backbone
-        params = {"params": state.teacher["backbone"]}
-        metrics = knn_evaluation(self.config, backbone, params, self.run.mesh)
-        metrics["epoch"] = float(epoch)
-        if final and self.config.eval.report_baselines:
-            from dino_jax.evaluate import baselines
-
-            init = baselines.random_init_knn(self.config, self.run.hp.model, self.run.mesh)
-            pixels = baselines.pixel_knn(self.config, self.run.mesh)
-            metrics["knn_random_init/top1"] = init["knn/top1"]
-            metrics["knn_pixels/top1"] = pixels["knn/top1"]
-        if final and self.config.eval.attention_images:
-            from dino_jax.evaluate.attention import save_demo_attention
-
-            save_demo_attention(self.config, backbone, params, self.workdir)
-        return metrics
+FINAL = "final_evaluation.json"  # written once the run has finished and been evaluated
 
 
-def _evaluator(config, run: Run, workdir: str) -> Evaluator | None:
-    if not config.data.eval_test_split:
+def write_final(workdir: str, step: int, metrics: dict[str, float]) -> None:
+    """Record that the run finished at `step` with these final metrics (process 0 writes)."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, FINAL)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"step": step, "metrics": metrics}, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read_final(workdir: str, step: int) -> dict[str, float] | None:
+    """The final metrics of a run that finished at `step`, or None."""
+    try:
+        with open(os.path.join(workdir, FINAL)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
         return None
-    return Evaluator(config, run, workdir)
+    return record["metrics"] if record.get("step") == step else None

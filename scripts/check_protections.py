@@ -101,8 +101,8 @@ CASES = [
     ),
     Case(
         "the heartbeat timeout reaches jax.distributed",
-        "train.py",
-        "            heartbeat_timeout_seconds=flags.FLAGS.heartbeat_timeout_seconds,\n",
+        "dino_jax/train.py",
+        "            heartbeat_timeout_seconds=args.heartbeat_timeout_seconds,\n",
         "",
         ("tests/test_multihost_faults.py", "-k", "worker"),
     ),

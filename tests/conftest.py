@@ -26,7 +26,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 # The `tally` fixture of the fault-injection tests and the summary line it feeds.
-pytest_plugins = ("fault_tally",)
+pytest_plugins = ("helpers.fault_tally",)
 
 
 def pytest_addoption(parser):

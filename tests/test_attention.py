@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.tiny import tiny_eval_config
 from PIL import Image
 from skimage import data
-from tiny import tiny_eval_config
 
 from dino_jax import parallel
 from dino_jax.evaluate import attention
-from dino_jax.evaluate.__main__ import main
+from dino_jax.evaluate.cli import evaluate
 from dino_jax.evaluate.weights import load_weights
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -114,7 +114,7 @@ def decode(path):
 
 def test_attention_command_on_a_photo_with_an_official_backbone(official, photo, tmp_path):
     out = tmp_path / "attn"
-    result = main(
+    result = evaluate(
         [
             "attention",
             "--weights",
@@ -187,7 +187,7 @@ def test_demo_attention_and_the_command_on_a_trained_work_directory(workdir, pho
     assert saved["attention"].shape == (2, 4, 4)
     np.testing.assert_array_equal(image[::14, ::14], saved["image"])  # nearest upsampling
 
-    result = main(
+    result = evaluate(
         [
             "attention",
             "--weights",

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from scipy import stats
 
+from dino_jax.config import default_config
 from dino_jax.data import augment, color, crops
 
 RRC_H, RRC_W = 375, 500  # the dummy image of out/rrc_params_*
@@ -167,12 +168,19 @@ def test_resized_crop_flip_and_eval_box(npz):
     assert _mae(ours, ref) <= 1.0
 
 
+def crop_config(**overrides) -> augment.MultiCropConfig:
+    """The official multi-crop settings of default_config() with `overrides`."""
+    aug = default_config().aug
+    aug.update(overrides)
+    return augment.MultiCropConfig.from_config(aug)
+
+
 def _config(**overrides):
-    return augment.MultiCropConfig(global_size=32, local_size=16, n_local=3, **overrides)
+    return crop_config(**{"global_size": 32, "local_size": 16, "n_local": 3, **overrides})
 
 
 def test_gate_probabilities_and_parameter_ranges():
-    cfg = augment.MultiCropConfig(n_local=4)
+    cfg = crop_config(n_local=4)
     n = 4000
     keys = jax.random.split(jax.random.key(3), n)
     sizes = jnp.tile(jnp.asarray([[375, 500]], jnp.int32), (n, 1))
@@ -276,8 +284,8 @@ def test_config_from_configdict_and_validation():
             "std": augment.IMAGENET_STD,
         }
     )
-    cfg = augment.MultiCropConfig.from_config(aug)
-    assert cfg == augment.MultiCropConfig(n_local=10)
+    cfg = augment.MultiCropConfig.from_config(default_config().aug)
+    assert cfg == augment.MultiCropConfig(**aug.to_dict())
     hash(cfg)  # static argument of jit
     bad = [
         {"global_scale": (0.5, 0.4)},
@@ -291,4 +299,4 @@ def test_config_from_configdict_and_validation():
     ]
     for overrides in bad:
         with pytest.raises(ValueError, match="aug\\."):
-            augment.MultiCropConfig(**overrides)
+            crop_config(**overrides)

@@ -6,8 +6,8 @@ import logging
 import jax
 import ml_collections
 import pytest
-from fault_config import train_py
-from tiny import tiny_config
+from helpers.fault_config import train_py
+from helpers.tiny import tiny_config
 
 from dino_jax.config import ConfigError, dotted
 from dino_jax.trainer import train
@@ -159,7 +159,7 @@ def test_invalid_setting_is_refused_before_any_compute(name, tmp_path, tally, ca
             "--config.optim.lrr=1: config.optim.lrr is not a setting;"
             " did you mean --config.optim.lr?",
         ),
-        (["--config.optim.lr=abc"], "flag --config.optim.lr=abc: could not convert"),
+        (["--config.optim.lr=abc"], "--config.optim.lr=abc: 'abc' is not a number"),
         (["--config.optim.batch_size=12"], "not divisible by the 8 devices: use a multiple of 8"),
     ],
     ids=["unknown key", "wrong type", "invalid value"],

@@ -8,9 +8,9 @@ import zlib
 
 import numpy as np
 import pytest
-from fault_helpers import logged
+from helpers.fault_helpers import logged
+from helpers.tiny import tiny_config
 from PIL import Image
-from tiny import tiny_config
 
 from dino_jax.data.decode import reason_kind
 from dino_jax.data.sources import folder

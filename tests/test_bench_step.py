@@ -9,7 +9,7 @@ TESTS = pathlib.Path(__file__).resolve().parent
 
 
 def test_step_benchmark_reports_rate_flops_and_mfu(capsys):
-    args = ["--config", str(TESTS / "fault_config.py"), "--batch", "16", "--steps", "2"]
+    args = ["--config", str(TESTS / "helpers" / "fault_config.py"), "--batch", "16", "--steps", "2"]
     result = main([*args, "--warmup", "1"])
     assert result["batch"] == 16 and result["crops"] == "2x16 + 2x8"
     for key in ("step_ms", "images_per_s", "gflop_per_image", "matmul_tflops", "compile_s"):

@@ -9,7 +9,7 @@ import tomllib
 
 import numpy as np
 import pytest
-from tiny import data_config as shared_data_config
+from helpers.tiny import data_config as shared_data_config
 
 from dino_jax.data import pipeline
 from dino_jax.data.sources import DataError

@@ -7,8 +7,8 @@ import zlib
 
 import numpy as np
 import pytest
+from helpers.tiny import data_config as shared_data_config
 from PIL import Image
-from tiny import data_config as shared_data_config
 
 from dino_jax.data import pipeline
 from dino_jax.data.decode import SkipLog, decode_image, reason_kind, to_canvas

@@ -5,8 +5,8 @@ import os
 
 import numpy as np
 import pytest
+from helpers.tiny import data_config as shared_data_config
 from PIL import Image
-from tiny import data_config as shared_data_config
 
 from dino_jax.data import decode as decode_module
 from dino_jax.data import pipeline

@@ -9,9 +9,9 @@ import sys
 import textwrap
 
 import numpy as np
+from helpers.localhost import free_port
+from helpers.tiny import data_config
 from jax.sharding import PartitionSpec
-from localhost import free_port
-from tiny import data_config
 
 from dino_jax.data import pipeline
 from dino_jax.parallel import make_mesh

@@ -5,7 +5,7 @@ import itertools
 
 import numpy as np
 import pytest
-from tiny import data_config as shared_data_config
+from helpers.tiny import data_config as shared_data_config
 
 from dino_jax.data import pipeline
 from dino_jax.data.decode import SkipLog

@@ -7,7 +7,7 @@ import pathlib
 
 from dino_jax import parallel, recipe
 from dino_jax.config import load_recipe
-from dino_jax.evaluate.__main__ import main
+from dino_jax.evaluate.cli import evaluate
 from dino_jax.evaluate.baselines import random_init_knn
 from dino_jax.trainer import train
 
@@ -39,31 +39,29 @@ def test_short_demo_evaluates_and_its_linear_probe_beats_random_init_knn(tmp_pat
     final = result.metrics
     assert final["knn/top1"] == knn[-1]["knn/top1"]
     # the baselines of the end of the run, recomputed independently for the random network
-    init = random_init_knn(config, recipe.build_network(config), parallel.make_mesh())
+    init = random_init_knn(config, recipe.build(config, spe), parallel.make_mesh())
     assert final["knn_random_init/top1"] == init["knn/top1"]
     assert 0 < final["knn_pixels/top1"] <= 100
     for i in range(config.eval.attention_images):
         assert (workdir / "attention" / f"{i:02d}" / "overview.png").stat().st_size > 0
+    # The same command again: nothing trained, evaluated or logged twice, the same figures.
+    again = train(config, str(workdir))
+    assert again.status == "finished" and again.metrics == final
+    assert len((workdir / "train.jsonl").read_text().splitlines()) == len(records)
 
-    probe = main(
+    probe = evaluate(
         [
             "linear",
             "--weights",
             str(workdir),
-            "--linear.epochs",
-            "10",
-            "--linear.lr",
-            "1.0",
-            "--linear.batch_size",
-            "128",
-            "--linear.n_last_blocks",
-            "1",
-            "--linear.avgpool",
-            "True",
+            "--config.linear.epochs=10",
+            "--config.linear.lr=1.0",
+            "--config.linear.batch_size=128",
+            "--config.linear.n_last_blocks=1",
+            "--config.linear.avgpool=True",
             # 28-pixel Fashion-MNIST: random-resized crops cut away the silhouette that tells
             # the classes apart, so the probe trains on whole images (flips only)
-            "--linear.crop_scale",
-            "(1.0, 1.0)",
+            "--config.linear.crop_scale=(1.0, 1.0)",
         ]
     )
     assert probe["best_top1"] > init["knn/top1"] + 2, (probe["best_top1"], init["knn/top1"])

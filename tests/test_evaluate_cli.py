@@ -8,18 +8,25 @@ import sys
 
 import numpy as np
 import pytest
-from tiny import tiny_eval_config
+from helpers.tiny import tiny_eval_config
 
 from dino_jax import parallel
 from dino_jax.config import flatten_config
-from dino_jax.evaluate.__main__ import apply_overrides, load_config_file, main, split_overrides
+from dino_jax.evaluate.cli import evaluate
 from dino_jax.evaluate.features import feature_fn
 from dino_jax.evaluate.knn_eval import knn_evaluation
-from dino_jax.evaluate.probe import linear_config
 from dino_jax.evaluate.weights import WeightsError, config_from_flat, load_weights
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BACKBONE = ROOT / "tests" / "fixtures" / "backbone.pth"
+
+
+def refused(capsys, argv, message):
+    """The command exits 2 with `message` on stderr and no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
 
 
 def tiny_train_config():
@@ -63,7 +70,7 @@ def test_config_from_flat_restores_types_and_skips_unknown_keys():
     assert config.aug.global_scale == (0.3, 1.0) and config.model.embed_dim == 32
 
 
-def test_unusable_weights_are_refused_clearly(tmp_path):
+def test_unusable_weights_are_refused_clearly(tmp_path, capsys):
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     cases = {
@@ -78,43 +85,12 @@ def test_unusable_weights_are_refused_clearly(tmp_path):
             load_weights(path)
     with pytest.raises(WeightsError, match="no student"):
         load_weights(BACKBONE, num_heads=2, which="student")
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(["knn", "--weights", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="eval_test_split is empty"):
-        main(["knn", "--weights", str(BACKBONE), "--num_heads", "2", "--data.eval_test_split="])
+    refused(capsys, ["knn", "--weights", str(tmp_path / "missing")], "does not exist")
+    argv = ["knn", "--weights", str(BACKBONE), "--num_heads", "2"]
+    refused(capsys, [*argv, "--config.data.eval_test_split="], "eval_test_split is empty")
 
 
-def test_config_overrides():
-    pairs = split_overrides(
-        [
-            "--data.source",
-            "folder",
-            "--config.data.data_dir=/x",
-            "--eval.knn_ks=10,20",
-            "--linear.avgpool",
-            "true",
-            "--model.embed_dim",
-            "48",
-            "--eval.crop",
-            "96",
-        ]
-    )
-    assert pairs[1] == ("data.data_dir", "/x")
-    config = load_config_file(str(ROOT / "configs" / "demo.py"))
-    lin = linear_config()
-    apply_overrides({"": config, "linear": lin}, pairs)
-    assert (config.data.source, config.data.data_dir) == ("folder", "/x")
-    assert config.eval.knn_ks == (10, 20) and config.eval.crop == 96
-    assert config.model.embed_dim == 48 and lin.avgpool is True
-    with pytest.raises(SystemExit, match="no such config key"):
-        apply_overrides({"": config, "linear": lin}, [("data.nope", "1")])
-    with pytest.raises(SystemExit, match="invalid literal"):
-        apply_overrides({"": config, "linear": lin}, [("eval.crop", "big")])
-    with pytest.raises(SystemExit, match="unrecognised"):
-        split_overrides(["--verbose"])
-
-
-def test_knn_command_on_a_trained_work_directory(workdir, tmp_path):
+def test_knn_command_on_a_trained_work_directory(workdir, tmp_path, capsys):
     # Bank and queries both from the 2,000-image test split keep the extraction short; the
     # second lookup of the split already reads the feature file the first one wrote.
     features = tmp_path / "features"
@@ -122,16 +98,13 @@ def test_knn_command_on_a_trained_work_directory(workdir, tmp_path):
         "knn",
         "--weights",
         str(workdir),
-        "--data.eval_train_split",
-        "test",
-        "--data.eval_test_split",
-        "test",
-        "--eval.knn_max_train",
-        "1000",
+        "--config.data.eval_train_split=test",
+        "--config.data.eval_test_split=test",
+        "--config.eval.knn_max_train=1000",
         "--features_dir",
         str(features),
     ]
-    first = main([*args, "--out", str(tmp_path / "out")])
+    first = evaluate([*args, "--out", str(tmp_path / "out")])
     assert (first["bank"], first["queries"]) == (1000, 2000)
     assert json.loads((tmp_path / "out" / "knn.json").read_text()) == first
     # The same protocol as the trainer's k-NN evaluation, same numbers.
@@ -150,43 +123,34 @@ def test_knn_command_on_a_trained_work_directory(workdir, tmp_path):
     (saved,) = features.iterdir()
     assert saved.name == "test.npz"
     stamp = saved.stat().st_mtime_ns
-    again = main(args)  # reads the saved features
+    again = evaluate(args)  # reads the saved features
     assert saved.stat().st_mtime_ns == stamp
     assert again["metrics"] == {**first["metrics"], "knn/seconds": again["metrics"]["knn/seconds"]}
-    with pytest.raises(SystemExit, match="another model"):
-        main([*args, "--which", "student"])
+    refused(capsys, [*args, "--which", "student"], "another model")
 
 
-def test_knn_command_with_an_official_backbone_and_data_options(tmp_path):
-    result = main(
+def test_knn_command_with_an_official_backbone_and_data_options(tmp_path, capsys):
+    result = evaluate(
         [
             "knn",
             "--weights",
             str(BACKBONE),
             "--num_heads",
             "2",
-            "--data.source",
-            "synthetic",
-            "--data.synthetic_examples",
-            "64",
-            "--data.synthetic_classes",
-            "3",
-            "--data.canvas_size",
-            "40",
-            "--eval.resize",
-            "32",
-            "--eval.crop",
-            "32",
-            "--eval.batch_size",
-            "16",
-            "--eval.knn_ks",
-            "5,10",
+            "--config.data.source=synthetic",
+            "--config.data.synthetic_examples=64",
+            "--config.data.synthetic_classes=3",
+            "--config.data.canvas_size=40",
+            "--config.eval.resize=32",
+            "--config.eval.crop=32",
+            "--config.eval.batch_size=16",
+            "--config.eval.knn_ks=5,10",
         ]
     )
     assert result["source"] == "pth" and result["bank"] == 64
     assert set(result["metrics"]) >= {"knn/top1_k5", "knn/top1_k10", "knn/top1"}
-    with pytest.raises(SystemExit, match="patch size"):
-        main(["knn", "--weights", str(BACKBONE), "--num_heads", "2", "--eval.crop", "36"])
+    argv = ["knn", "--weights", str(BACKBONE), "--num_heads", "2", "--config.eval.crop=36"]
+    refused(capsys, argv, "eval.crop=36 is not a multiple of model.patch_size=8")
 
 
 def test_module_entry_point():

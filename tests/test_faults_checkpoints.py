@@ -7,8 +7,9 @@ import pickle
 import shutil
 
 import pytest
-from fault_helpers import assert_states_equal, finalised_steps, history, restore
-from tiny import tiny_config
+from helpers.fault_helpers import finalised_steps, history, restore
+from helpers.states import assert_states_equal
+from helpers.tiny import tiny_config
 
 from dino_jax.checkpoint import CheckpointError
 from dino_jax.config import flatten_config

@@ -6,15 +6,15 @@ import signal
 import time
 
 import pytest
-from fault_helpers import (
+from helpers.fault_helpers import (
     Worker,
-    assert_states_equal,
     finalised_steps,
     history,
     logged,
     restore,
     temporary_checkpoints,
 )
+from helpers.states import assert_states_equal
 
 EVERY = 5  # checkpoint interval: many saves, so many kills land in or near one
 

@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fault_helpers import assert_states_equal, finalised_steps, leaves, logged, restore
-from tiny import tiny_config
+from helpers.fault_helpers import finalised_steps, logged, restore
+from helpers.states import assert_states_equal, leaves
+from helpers.tiny import tiny_config
 
 from dino_jax import train_step as train_step_module
 from dino_jax.checkpoint import Checkpointer

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from parity import fixture_params, max_rel_err
+from helpers.parity import fixture_params, max_rel_err
 
 from dino_jax.loss import dino_loss, update_center
 from dino_jax.models.head import DINOHead

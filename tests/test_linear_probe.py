@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dino_jax.config import default_config
 from dino_jax.evaluate import linear, probe
-from dino_jax.evaluate.__main__ import main
+from dino_jax.evaluate.cli import evaluate
 from dino_jax.evaluate.weights import load_weights
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -18,19 +19,19 @@ BACKBONE = ROOT / "tests" / "fixtures" / "backbone.pth"
 
 
 def config(**overrides):
-    lin = probe.linear_config()
+    lin = default_config().linear
     for key, value in overrides.items():
         lin[key] = value
     return lin
 
 
 def test_defaults_are_the_official_ones():
-    lin = probe.linear_config()
+    lin = default_config().linear
     assert (lin.epochs, lin.lr, lin.batch_size, lin.momentum) == (100, 0.001, 1024, 0.9)
     assert (lin.n_last_blocks, lin.avgpool, tuple(lin.crop_scale)) == (4, False, (0.08, 1.0))
-    probe.validate_linear(lin, depth=12)
+    probe.check_linear(lin, depth=12)
     with pytest.raises(ValueError, match=r"epochs=0(.|\n)*n_last_blocks=4: in \[1, depth=2\]"):
-        probe.validate_linear(config(epochs=0), depth=2)
+        probe.check_linear(config(epochs=0), depth=2)
 
 
 def test_learning_rate_is_scaled_and_annealed_once_per_epoch():
@@ -180,7 +181,7 @@ def test_train_transform_crops_flips_and_normalises():
 
 
 def test_linear_command_end_to_end(tmp_path):
-    result = main(
+    result = evaluate(
         [
             "linear",
             "--weights",
@@ -189,22 +190,14 @@ def test_linear_command_end_to_end(tmp_path):
             "2",
             "--config",
             str(ROOT / "configs" / "demo.py"),
-            "--eval.resize",
-            "32",
-            "--eval.crop",
-            "32",
-            "--linear.epochs",
-            "2",
-            "--linear.batch_size",
-            "64",
-            "--linear.steps_per_epoch",
-            "4",
-            "--linear.n_last_blocks",
-            "2",
-            "--linear.avgpool",
-            "true",
-            "--linear.lr",
-            "0.05",
+            "--config.eval.resize=32",
+            "--config.eval.crop=32",
+            "--config.linear.epochs=2",
+            "--config.linear.batch_size=64",
+            "--config.linear.steps_per_epoch=4",
+            "--config.linear.n_last_blocks=2",
+            "--config.linear.avgpool=true",
+            "--config.linear.lr=0.05",
             "--out",
             str(tmp_path),
         ]

@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import numpy as np
-from localhost import free_port
+from helpers.localhost import free_port
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+WORKER = os.path.join(TESTS, "helpers", "multihost_worker.py")
 
 
 # CPU collectives (gloo) give up on peers more than 30 s apart at their first collective;
@@ -18,8 +20,7 @@ LATE_S = 35
 
 def launch(num_processes: int, out, late_s: float = 0.0) -> None:
     port = str(free_port())
-    root = os.path.dirname(os.path.dirname(WORKER))
-    env = {**os.environ, "PYTHONPATH": root}
+    env = {**os.environ, "PYTHONPATH": ROOT}
     procs = [
         subprocess.Popen(
             [sys.executable, WORKER, str(i), str(num_processes), port, str(out), str(late_s)],

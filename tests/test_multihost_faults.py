@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
-from fault_helpers import ROOT, TESTS, finalised_steps
-from localhost import free_port
+from helpers.fault_helpers import HELPERS, ROOT, finalised_steps
+from helpers.localhost import free_port
 
 HEARTBEAT_S = 10  # --heartbeat_timeout_seconds: how long a silent process counts as alive
 BOUND_S = 60  # generous on 2 loaded cores; measured figures are in docs/reliability.md
@@ -28,7 +28,7 @@ def launch(workdir, overrides: dict) -> list[subprocess.Popen]:
     args = [f"--config.{key}={value}" for key, value in overrides.items()]
     procs = []
     for i in range(2):
-        cmd = [sys.executable, str(ROOT / "train.py"), f"--config={TESTS / 'fault_config.py'}"]
+        cmd = [sys.executable, str(ROOT / "train.py"), f"--config={HELPERS / 'fault_config.py'}"]
         cmd += [f"--workdir={workdir}", f"--coordinator_address={address}"]
         cmd += ["--num_processes=2", f"--process_id={i}"]
         cmd += [f"--heartbeat_timeout_seconds={HEARTBEAT_S}", *args]

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from parity import nchw_to_nhwc
+from helpers.parity import nchw_to_nhwc
 
 from dino_jax.interop.official import (
     infer_backbone,

@@ -2,8 +2,8 @@
 
 import jax
 import numpy as np
-import parity
 import pytest
+from helpers import parity
 
 from dino_jax.schedules import cosine_schedule, warmup_constant_schedule
 

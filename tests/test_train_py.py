@@ -3,9 +3,9 @@
 import json
 import logging
 
-from fault_config import train_py
+from helpers.fault_config import train_py
 
-import train
+from dino_jax import cli
 
 
 def test_same_command_twice_resumes_and_checkpoint_internals_stay_quiet(tmp_path):
@@ -31,6 +31,6 @@ def test_only_orbax_info_is_filtered():
         return logging.LogRecord("absl", level, path, 1, "message", None, None)
 
     orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
-    assert train.below_warning_from_orbax(record(logging.INFO, orbax))
-    assert not train.below_warning_from_orbax(record(logging.WARNING, orbax))
-    assert not train.below_warning_from_orbax(record(logging.INFO, "/repo/dino_jax/trainer.py"))
+    assert cli.below_warning_from_orbax(record(logging.INFO, orbax))
+    assert not cli.below_warning_from_orbax(record(logging.WARNING, orbax))
+    assert not cli.below_warning_from_orbax(record(logging.INFO, "/repo/dino_jax/trainer.py"))

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from parity import nchw_to_nhwc, train_steps_schedules
+from helpers.parity import nchw_to_nhwc, train_steps_schedules
 
 from dino_jax.interop.state_dict import from_state_dict, to_state_dict
 from dino_jax.models import DINOHead, MultiCropNetwork, VisionTransformer

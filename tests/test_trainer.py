@@ -8,29 +8,15 @@ import sys
 import time
 
 import jax
-import numpy as np
 import pytest
-from tiny import tiny_config
+from helpers.states import assert_states_equal
+from helpers.tiny import tiny_config
 
 from dino_jax import parallel
 from dino_jax.data.pipeline import to_global
 from dino_jax.trainer import build_run, compile_step, initial_state, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def leaves(state):
-    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
-
-
-def assert_states_equal(a, b, **tol):
-    la, lb = leaves(a), leaves(b)
-    assert len(la) == len(lb)
-    for x, y in zip(la, lb, strict=True):
-        if tol:
-            np.testing.assert_allclose(x, y, **tol)
-        else:
-            np.testing.assert_array_equal(x, y)
 
 
 def test_sharded_step_equals_single_device_and_compiles_once():
@@ -71,7 +57,7 @@ def test_second_run_resumes_instead_of_restarting(tmp_path):
 WORKER = """
 import sys
 sys.path.insert(0, {tests!r})
-from tiny import tiny_config
+from helpers.tiny import tiny_config
 from dino_jax.trainer import train
 config = tiny_config(**{{"train.max_steps": {steps}, "train.checkpoint_every_steps": 5}})
 result = train(config, {workdir!r})

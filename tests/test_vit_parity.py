@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from parity import fixture_params, max_rel_err, nchw_to_nhwc
+from helpers.parity import fixture_params, max_rel_err, nchw_to_nhwc
 
 from dino_jax.models import pos_embed as pe
 from dino_jax.models.vit import VisionTransformer

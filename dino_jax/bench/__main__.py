@@ -1,4 +1,5 @@
-"""python -m dino_jax.bench {step,augment,pipeline} [options]: the project's benchmarks."""
+"""`dino-jax-bench {step,augment,pipeline} [options]` (or `python -m dino_jax.bench`): the
+project's benchmarks."""
 
 import importlib
 import sys
@@ -13,7 +14,8 @@ COMMANDS = {
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         lines = "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items())
-        sys.exit(f"usage: python -m dino_jax.bench COMMAND [options]\n{lines}")
+        print(f"usage: dino-jax-bench COMMAND [options]\n{lines}", file=sys.stderr)
+        sys.exit(0 if sys.argv[1:2] in (["--help"], ["-h"]) else 2)
     module = importlib.import_module(f"dino_jax.bench.{sys.argv[1]}")
     module.main(sys.argv[2:])
 

@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from dino_jax.bench.step import xla_flops
+from dino_jax.config import default_config
 from dino_jax.data import augment
 
-# DESIGN.md, "Performance model": one ViT-S/16 training step per source image.
+# Analytic matmul FLOPs of one ViT-S/16 training step per source image (2 x 224 + 10 x 96
+# crops, K = 65536; `bench step` computes the same figure as dino_flops_per_image).
 VIT_S16_GFLOP_PER_IMAGE = 124.0
-# DESIGN.md target for ViT-S/16 on one H100.
+# The throughput target for ViT-S/16 on one H100 (docs/performance.md).
 TARGET_IMAGES_PER_S = 2900.0
 
 
@@ -64,9 +66,9 @@ def matmul_gflop(cfg: augment.MultiCropConfig, canvas: int) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
-    cfg = augment.MultiCropConfig(
-        global_size=args.global_size, local_size=args.local_size, n_local=args.n_local
-    )
+    aug = default_config().aug
+    aug.update(global_size=args.global_size, local_size=args.local_size, n_local=args.n_local)
+    cfg = augment.MultiCropConfig.from_config(aug)
     dtype = jnp.dtype(args.dtype)
     height, width = args.image_hw
     if not (0 < height <= args.canvas and 0 < width <= args.canvas):

@@ -22,7 +22,9 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from dino_jax.data.decode import decode_image, to_canvas
 
-# The official multi-crop recipe (RECIPE.md): 2 global 224 crops, 10 local 96 crops.
+# Multi-crop as in DataAugmentationDINO (main_dino.py): 2 global 224 crops, (0.4, 1) of the
+# area, and local 96 crops, (0.05, 0.4); 10 local ones as in the paper's best runs (Caron et
+# al. 2021), though main_dino.py's --local_crops_number defaults to 8.
 GLOBAL, LOCAL = (224, (0.4, 1.0), 2), (96, (0.05, 0.4), 10)
 RATIO = (3 / 4, 4 / 3)
 MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)

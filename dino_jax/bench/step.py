@@ -1,6 +1,6 @@
 """Benchmark of the compiled training step: images/s, FLOPs, MFU, compile time, memory.
 
-python -m dino_jax.bench step --config=configs/vit_small16.py [--batch 128] [--steps 20]
+dino-jax-bench step [--config=vit_small16] [--batch 128] [--steps 20] [--config.section.key=v]
 
 Synthetic canvases already on the device (no host pipeline), the real step otherwise:
 on-device multi-crop augmentation, teacher and student forward, backward, optimiser, EMA.
@@ -9,7 +9,6 @@ MFU is the achieved FLOP rate over the rate of a large matmul measured in the sa
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import statistics
@@ -18,8 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dino_jax import recipe
-from dino_jax.config import dotted, load_recipe
+from dino_jax import cli, recipe
 
 
 def vit_forward_flops(dim: int, depth: int, tokens: int, patch: int, mlp_ratio: float = 4.0):
@@ -72,15 +70,6 @@ def matmul_rate(dtype, size: int, repeats: int = 10) -> float:
     return 2 * size**3 / statistics.median(times)
 
 
-def load_config(path: str, overrides: list[str]):
-    config = load_recipe(path)
-    for item in overrides:
-        key, value = item.split("=", 1)
-        node, leaf = dotted(config, key)
-        node[leaf] = type(node[leaf])(json.loads(value))
-    return config
-
-
 def xla_flops(compiled) -> float | None:
     """XLA's own FLOP count of a compiled function (None where the backend gives none)."""
     cost = compiled.cost_analysis()
@@ -101,6 +90,9 @@ def run(config, steps: int, warmup: int) -> dict:
     config.data.source = "synthetic"
     config.data.synthetic_examples = 1000 * config.optim.batch_size
     config.data.synthetic_classes = max(config.data.synthetic_classes, 1)
+    from dino_jax.config import validate
+
+    validate(config, jax.device_count(), jax.process_count())
     train_run = build_run(config)
     state, step = initial_state(train_run), compile_step(train_run)
     batch = to_global(next(iter(train_run.data)), train_run.mesh)
@@ -142,25 +134,33 @@ def run(config, steps: int, warmup: int) -> dict:
         "matmul_tflops": rate / 1e12,
         "mfu": achieved / rate,
         "compile_s": compile_s,
-        "peak_memory_gb": stats.get("peak_bytes_in_use", 0) / 2**30,
+        # None where the backend keeps no memory statistics (CPU): 0 would read as a measurement.
+        "peak_memory_gb": (
+            stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
+        ),
         "loss": float(metrics["train/loss"]),
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m dino_jax.bench step", description=__doc__)
-    parser.add_argument("--config", default="configs/vit_small16.py")
+def build_parser():
+    parser = cli.parser("dino-jax-bench step", __doc__)
     parser.add_argument("--batch", type=int, default=None, help="global batch (images)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument(
-        "--set", action="append", default=[], help='key=json, e.g. model.attention="xla"'
-    )
-    args = parser.parse_args(argv)
-    config = load_config(args.config, args.set)
-    if args.batch:
-        config.optim.batch_size = args.batch
-    result = run(config, args.steps, args.warmup)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cmd = cli.parse_command(build_parser, argv)
+    config = cli.command_config(cmd, default="vit_small16")
+    if cmd.args.batch:
+        config.optim.batch_size = cmd.args.batch
+    from dino_jax.config import ConfigError
+
+    try:
+        result = run(config, cmd.args.steps, cmd.args.warmup)
+    except ConfigError as err:
+        cli.fail(cmd.prog, str(err))
     width = max(map(len, result))
     for key, value in result.items():
         shown = f"{value:,.3f}" if isinstance(value, float) else value

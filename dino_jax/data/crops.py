@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-# RandomResizedCrop's default aspect-ratio range (RECIPE.md, "Data augmentation").
+# torchvision RandomResizedCrop's default aspect-ratio range: DataAugmentationDINO
+# (main_dino.py) passes no `ratio`.
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 # torchvision tries this many (area, ratio) draws before falling back to a central crop.
 RRC_TRIES = 10

@@ -13,14 +13,14 @@ from dino_jax import parallel
 from dino_jax.data.pipeline import eval_data
 from dino_jax.evaluate.features import eval_transform, extract
 from dino_jax.evaluate.knn_eval import knn_evaluation, knn_metrics
+from dino_jax.recipe import Recipe
 
 
-def random_init_knn(config: ml_collections.ConfigDict, model, mesh) -> dict[str, float]:
+def random_init_knn(config: ml_collections.ConfigDict, recipe: Recipe, mesh) -> dict[str, float]:
     """k-NN of the teacher backbone as initialised from `config.seed` (before any step):
     the training run's own initial parameters, recreated from the seed."""
-    from dino_jax.trainer import sample_crops
-
-    variables = jax.jit(lambda key: model.init({"params": key}, sample_crops(config)))(
+    model = recipe.hp.model
+    variables = jax.jit(lambda key: model.init({"params": key}, recipe.sample_crops()))(
         jax.random.key(config.seed)
     )
     params = {"params": variables["params"]["backbone"]}
@@ -49,3 +49,12 @@ def pixel_knn(config: ml_collections.ConfigDict, mesh) -> dict[str, float]:
 
     train, test = split(config.data.eval_train_split), split(config.data.eval_test_split)
     return knn_metrics(config, train, test, mesh)
+
+
+def baseline_metrics(config: ml_collections.ConfigDict, recipe: Recipe, mesh) -> dict[str, float]:
+    """`knn_random_init/top1` and `knn_pixels/top1`, the two figures a k-NN result is read
+    against."""
+    return {
+        "knn_random_init/top1": random_init_knn(config, recipe, mesh)["knn/top1"],
+        "knn_pixels/top1": pixel_knn(config, mesh)["knn/top1"],
+    }

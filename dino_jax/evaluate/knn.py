@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dino_jax import parallel
 
-_DEFAULT_KS = (10, 20, 100, 200)  # RECIPE.md, "Evaluation protocols"; the headline is k = 20
+_DEFAULT_KS = (10, 20, 100, 200)  # eval_knn.py's --nb_knn default; the paper reports k = 20
 _BANK_DTYPES = tuple(map(np.dtype, (jnp.float32, jnp.float16, jnp.bfloat16)))
 
 

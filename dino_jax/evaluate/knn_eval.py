@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
+import numpy as np
 
 from dino_jax.evaluate.features import split_features
 from dino_jax.evaluate.knn import knn_classify, normalize
@@ -53,11 +56,16 @@ def knn_evaluation(
     backbone: VisionTransformer,
     params,
     mesh: jax.sharding.Mesh,
+    features: Callable[[str], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, float]:
-    """k-NN of `backbone` features: bank = eval_train_split, queries = eval_test_split."""
+    """k-NN of `backbone` features: bank = eval_train_split, queries = eval_test_split.
+
+    `features(split)` gives a split's (features, labels); default: extracted by split_features
+    (the command line passes one that reads and writes a feature cache)."""
     start = time.perf_counter()
-    splits = (config.data.eval_train_split, config.data.eval_test_split)
-    train, test = (split_features(config, backbone, params, mesh, s) for s in splits)
+    if features is None:
+        features = functools.partial(split_features, config, backbone, params, mesh)
+    train, test = (features(s) for s in (config.data.eval_train_split, config.data.eval_test_split))
     metrics = knn_metrics(config, train, test, mesh)
     metrics["knn/seconds"] = time.perf_counter() - start
     return metrics

@@ -20,13 +20,13 @@ from dino_jax.evaluate.features import linear_features, progress, split_features
 from dino_jax.evaluate.probe import (
     LinearResult,
     ProbeState,
+    check_linear,
     epoch_record,
     init_probe,
     init_state,
     probe_optimizer,
     probe_update,
     result_of,
-    validate_linear,
 )
 from dino_jax.models.vit import VisionTransformer
 
@@ -91,18 +91,19 @@ def train_step(
 
 def linear_evaluation(
     config: ml_collections.ConfigDict,
-    lin: ml_collections.ConfigDict,
     backbone: VisionTransformer,
     variables,
     mesh: jax.sharding.Mesh,
 ) -> LinearResult:
     """The official linear probe of a frozen `backbone`: train on `config.data.eval_train_split`,
-    validate on `config.data.eval_test_split` after every `lin.val_every_epochs` epochs.
+    validate on `config.data.eval_test_split` after every `linear.val_every_epochs` epochs
+    (the settings are `config.linear`).
 
     Crops are `config.eval.crop` (train: random-resized; val: resize `config.eval.resize` +
     center crop), normalised with `config.aug.mean/std`. The batch is sharded over `mesh`.
     """
-    validate_linear(lin, backbone.depth)
+    lin = config.linear
+    check_linear(lin, backbone.depth)
     mean, std = tuple(config.aug.mean), tuple(config.aug.std)
     n, avgpool = lin.n_last_blocks, lin.avgpool
     devices = mesh.shape[parallel.DATA_AXIS]

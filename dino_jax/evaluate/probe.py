@@ -15,47 +15,14 @@ import numpy as np
 import optax
 from flax import struct
 
+from dino_jax.config import linear_errors
+
 _EVAL_CHUNK = 8192  # validation rows scored per call
 
 
-def linear_config() -> ml_collections.ConfigDict:
-    """Every key of the linear probe, with the official eval_linear.py defaults."""
-    c = ml_collections.ConfigDict()
-    c.epochs = 100
-    c.lr = 0.001  # per 256 images: lr = lr * batch_size / 256
-    c.batch_size = 1024  # global (official: 128 per GPU on 8 GPUs)
-    c.momentum = 0.9  # SGD, no weight decay
-    c.n_last_blocks = 4  # ViT-S: 4; ViT-B: 1 with avgpool
-    c.avgpool = False  # append the mean patch token of the last block
-    c.crop_scale = (0.08, 1.0)  # RandomResizedCrop's default area range
-    c.val_every_epochs = 1
-    c.steps_per_epoch = 0  # 0: one pass over the training split; > 0 caps it (smoke runs)
-    c.num_classes = 0  # 0: largest validation label + 1
-    c.seed = 0
-    return c
-
-
-def validate_linear(lin: ml_collections.ConfigDict, depth: int | None = None) -> None:
-    """ValueError listing every unusable key of a linear-probe config."""
-    errors = [
-        f"linear.{key}={lin[key]!r}: {need}"
-        for key, ok, need in [
-            ("epochs", lin.epochs >= 1, "at least 1"),
-            ("lr", lin.lr > 0, "must be > 0"),
-            ("batch_size", lin.batch_size >= 1, "at least 1"),
-            ("momentum", 0 <= lin.momentum < 1, "in [0, 1)"),
-            (
-                "n_last_blocks",
-                1 <= lin.n_last_blocks <= (depth or lin.n_last_blocks),
-                f"in [1, depth={depth}]",
-            ),
-            ("crop_scale", 0 < lin.crop_scale[0] <= lin.crop_scale[1] <= 1, "0 < lo <= hi <= 1"),
-            ("val_every_epochs", lin.val_every_epochs >= 1, "at least 1"),
-            ("steps_per_epoch", lin.steps_per_epoch >= 0, ">= 0 (0: the whole split)"),
-            ("num_classes", lin.num_classes >= 0, ">= 0 (0: from the labels)"),
-        ]
-        if not ok
-    ]
+def check_linear(lin: ml_collections.ConfigDict, depth: int | None = None) -> None:
+    """ValueError listing every unusable key of a `config.linear` section."""
+    errors = linear_errors(lin, depth)
     if errors:
         raise ValueError("invalid linear-probe config:\n  - " + "\n  - ".join(errors))
 
@@ -169,7 +136,7 @@ def fit_features(
 ) -> LinearResult:
     """The probe's optimisation on precomputed features (no augmentation, so not the official
     protocol): same init, SGD, schedule and scoring; batches of a fresh permutation per epoch."""
-    validate_linear(lin)
+    check_linear(lin)
     num_classes = lin.num_classes or int(max(train_y.max(), val_y.max())) + 1
     batch = min(lin.batch_size, len(train_y))
     steps = len(train_y) // batch  # the remainder of each permutation is dropped

@@ -1,4 +1,4 @@
-"""One process of a multi-process training run on CPU (see test_multihost.py).
+"""One process of a multi-process training run on CPU (see tests/test_multihost.py).
 
 usage: python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz [LATE_S]
 Each process feeds its own rows of a fixed global batch; process 0 saves the final state.
@@ -7,13 +7,16 @@ loaded host).
 """
 
 import os
+import pathlib
 import sys
 import time
 
 process_id, num_processes, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 late_s = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // num_processes}"
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the repository (for dino_jax) and tests/ (for helpers.*), found from this file's location
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -22,10 +25,9 @@ if num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{port}", num_processes, process_id)
 
-from tiny import tiny_config  # noqa: E402
-
 from dino_jax.data.pipeline import to_global  # noqa: E402
 from dino_jax.trainer import build_run, compile_step, initial_state  # noqa: E402
+from helpers.tiny import tiny_config  # noqa: E402
 
 STEPS, BATCH = 3, 16
 

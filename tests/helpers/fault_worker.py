@@ -5,16 +5,18 @@ Orbax renames it into place, so that a kill can land while the temporary directo
 import argparse
 import asyncio
 import json
-import os
+import pathlib
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the repository (for dino_jax) and tests/ (for helpers.*), found from this file's location
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 from orbax.checkpoint._src.path import atomicity
-from tiny import tiny_config
 
 from dino_jax import trainer
+from helpers.tiny import tiny_config
 
 
 def delay_commits(seconds: float) -> None:

@@ -1,4 +1,5 @@
-"""Shared by the fault-injection tests: worker processes, checkpoint listings, state comparison."""
+"""Shared by the fault-injection tests: worker processes, checkpoint listings, logged records
+(states are compared with helpers.states)."""
 
 import json
 import os
@@ -9,21 +10,21 @@ import threading
 import time
 
 import jax
-import numpy as np
-from tiny import tiny_config
 
 from dino_jax.checkpoint import Checkpointer
 from dino_jax.trainer import build_run
+from helpers.tiny import tiny_config
 
-TESTS = pathlib.Path(__file__).resolve().parent
+TESTS = pathlib.Path(__file__).resolve().parent.parent  # tests/
 ROOT = TESTS.parent
+HELPERS = TESTS / "helpers"
 
 
 class Worker:
-    """tests/fault_worker.py in a subprocess; its stdout lines are collected as they come."""
+    """helpers/fault_worker.py in a subprocess; its stdout lines are collected as they come."""
 
     def __init__(self, workdir, overrides: dict, *, save_delay: float = 0.0, log=None):
-        cmd = [sys.executable, str(TESTS / "fault_worker.py"), str(workdir)]
+        cmd = [sys.executable, str(HELPERS / "fault_worker.py"), str(workdir)]
         cmd += ["--overrides", json.dumps(overrides), "--save-delay", str(save_delay)]
         env = {
             **os.environ,
@@ -100,17 +101,6 @@ def restore(workdir, step: int, **overrides):
         return jax.device_get(ckpt.restore(step, abstract))
     finally:
         ckpt.close()
-
-
-def leaves(state) -> list[np.ndarray]:
-    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
-
-
-def assert_states_equal(a, b) -> None:
-    la, lb = leaves(a), leaves(b)
-    assert len(la) == len(lb)
-    for x, y in zip(la, lb, strict=True):
-        np.testing.assert_array_equal(x, y)
 
 
 def records(path) -> list[dict]:

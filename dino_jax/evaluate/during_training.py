@@ -1,0 +1,41 @@
+"""What a training run evaluates: k-NN of the teacher backbone every `eval.knn_every_epochs`
+epochs and at the end; at the end also its baselines and attention maps, when configured."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from dino_jax.evaluate import baselines
+from dino_jax.evaluate.attention import save_demo_attention
+from dino_jax.evaluate.knn_eval import knn_evaluation
+from dino_jax.recipe import Recipe
+from dino_jax.state import TrainState
+
+
+class TrainingEvaluator:
+    """Called by the training loop with the state after an epoch; returns its metrics."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        recipe: Recipe,
+        mesh: jax.sharding.Mesh,
+        workdir: str,
+    ):
+        self.config, self.recipe, self.mesh, self.workdir = config, recipe, mesh, workdir
+
+    def due(self, epoch: int) -> bool:
+        every = self.config.eval.knn_every_epochs
+        return bool(every) and epoch % every == 0 and epoch < self.config.optim.epochs
+
+    def __call__(self, state: TrainState, epoch: int, final: bool = False) -> dict[str, float]:
+        backbone = self.recipe.hp.model.backbone
+        params = {"params": state.teacher["backbone"]}
+        metrics = knn_evaluation(self.config, backbone, params, self.mesh)
+        metrics["epoch"] = float(epoch)
+        if final and self.config.eval.report_baselines:
+            metrics.update(baselines.baseline_metrics(self.config, self.recipe, self.mesh))
+        if final and self.config.eval.attention_images:
+            save_demo_attention(self.config, backbone, params, self.workdir)
+        return metrics
