@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import importlib.util
 import logging
 import os
 import pathlib
@@ -203,6 +204,9 @@ def parse_command(
         raise SystemExit(0)
     try:
         rest, recipe, overrides = split_config_args(argv)
+        # Recipe and keys are checked now, before the command does anything: the config a
+        # command ends up with (a work directory's, say) has the same keys and types.
+        apply_overrides(load_config(recipe) if recipe else default_config(), overrides)
     except ConfigError as err:
         fail(p.prog, str(err))
     return Command(p.prog, p.parse_args(rest), recipe, overrides)
@@ -269,3 +273,14 @@ def setup_logging(show_orbax_info: bool = False, level: int = logging.INFO) -> N
         datefmt="%m%d %H:%M:%S",
     )
     quiet_orbax(show_orbax_info)
+    logging.getLogger("jax._src.xla_bridge").addFilter(lambda r: not tpu_probe_noise(r))
+
+
+def tpu_probe_noise(record: logging.LogRecord) -> bool:
+    """JAX's INFO record that its TPU backend failed to start, where no TPU runtime (libtpu)
+    is installed: every CPU or GPU run would begin with it. On a TPU host it still shows."""
+    return (
+        record.levelno < logging.WARNING
+        and record.getMessage().startswith("Unable to initialize backend 'tpu'")
+        and importlib.util.find_spec("libtpu") is None
+    )

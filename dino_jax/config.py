@@ -352,6 +352,11 @@ def data_errors(data: ml_collections.ConfigDict, seed: int, init_from: str) -> l
         data.source in ("tfds", "folder", "demo", "synthetic"),
         f"data.source={data.source!r}: use tfds, folder, demo or synthetic",
     )
+    if data.source in ("tfds", "folder"):
+        from dino_jax.data.sources import missing_packages
+
+        missing = missing_packages(data.source)
+        e.check(missing is None, str(missing))
     if data.source == "folder":
         e.check(bool(data.data_dir), "data.data_dir is empty: give the image folder to train on")
         e.check(

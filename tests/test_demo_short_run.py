@@ -7,8 +7,8 @@ import pathlib
 
 from dino_jax import parallel, recipe
 from dino_jax.config import load_recipe
-from dino_jax.evaluate.cli import evaluate
 from dino_jax.evaluate.baselines import random_init_knn
+from dino_jax.evaluate.cli import evaluate
 from dino_jax.trainer import train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -12,6 +12,7 @@ from dino_jax.data.sources.base import (
     RecordSource,
     Source,
     import_tensorflow,
+    missing_packages,
     process_slice,
 )
 
@@ -25,6 +26,7 @@ __all__ = [
     "RecordSource",
     "Source",
     "import_tensorflow",
+    "missing_packages",
     "open_source",
     "process_slice",
 ]
@@ -45,6 +47,9 @@ def open_source(
     emptiness. Imports are local so that a source never pulls in another's dependencies.
     """
     kind = data_config.source
+    missing = missing_packages(kind)
+    if missing:
+        raise DataError(missing)
     if kind == "synthetic":
         from dino_jax.data.sources.synthetic import synthetic_source
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -14,10 +15,37 @@ class DataError(ValueError):
     """The data cannot be read as configured; raised at start-up, before any compute."""
 
 
+# What the TFDS and image-folder sources need beyond the base install, and how to get it.
+TF_EXTRA = "pip install 'dino_jax[tfds]' (or pip install -r requirements-tfds.txt in a checkout)"
+NEEDS = {"tfds": ("tensorflow", "tensorflow_datasets"), "folder": ("tensorflow",)}
+
+
+def missing_packages(source: str) -> str | None:
+    """Why data source `source` cannot run in this environment (a package it needs is not
+    installed), with the command that fixes it; None when it can."""
+    missing = []
+    for name in NEEDS.get(source, ()):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a broken or blocked installation
+            found = False
+        if not found:
+            missing.append(name)
+    if not missing:
+        return None
+    return (
+        f"data.source={source!r} needs {' and '.join(missing)}, which is not installed:"
+        f" {TF_EXTRA}; the demo and synthetic sources need neither"
+    )
+
+
 @functools.cache
 def import_tensorflow() -> Any:
     """TensorFlow for the host pipeline, with every GPU hidden from it (the device is JAX's)."""
-    import tensorflow as tf
+    try:
+        import tensorflow as tf
+    except ImportError as err:
+        raise DataError(f"TensorFlow cannot be imported ({err}): {TF_EXTRA}") from None
 
     try:
         tf.config.set_visible_devices([], "GPU")
