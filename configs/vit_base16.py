@@ -1,10 +1,11 @@
 """ViT-B/16 with the official DINO recipe on ImageNet-1k: 2 x 224 + 10 x 96 crops.
 
-Command:   python train.py --config=configs/vit_base16.py --workdir=workdirs/vit_base16 \
+Command:   python train.py --config=vit_base16 \
              --config.data.data_dir=$TFDS_DIR --config.data.manual_dir=$IMAGENET_TARS
+Needs:     the tfds extra, pip install 'dino_jax[tfds]' (TensorFlow and TFDS).
 Hardware:  the official ViT-B runs used 16 32-GB V100s (2 nodes); on accelerators with less
            memory set --config.train.fsdp=True or lower optim.batch_size.
-Time:      measure with `python -m dino_jax.bench step --config=configs/vit_base16.py`
+Time:      measure with `dino-jax-bench step --config=vit_base16`
            (README, "Speed", has the figures for one H100).
 Expected:  the released official ViT-B/16 (400 epochs) reaches 76.1% k-NN (k = 20) and 78.2%
            linear; with the main_dino defaults kept here, expect to approach it at 400 epochs.

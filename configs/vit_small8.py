@@ -1,10 +1,11 @@
 """ViT-S/8 with the official DINO recipe on ImageNet-1k (patch 8: 785 tokens per global crop).
 
-Command:   python train.py --config=configs/vit_small8.py --workdir=workdirs/vit_small8 \
+Command:   python train.py --config=vit_small8 \
              --config.data.data_dir=$TFDS_DIR --config.data.manual_dir=$IMAGENET_TARS
+Needs:     the tfds extra, pip install 'dino_jax[tfds]' (TensorFlow and TFDS).
 Hardware:  about 4x the compute of ViT-S/16 per image; 16 or more accelerators for the global
            batch of 1024, or set train.fsdp / a lower optim.batch_size.
-Time:      measure with `python -m dino_jax.bench step --config=configs/vit_small8.py`.
+Time:      measure with `dino-jax-bench step --config=vit_small8`.
 Expected:  the released official ViT-S/8 (800 epochs) reaches 78.3% k-NN (k = 20) and 79.7%
            linear (official README).
 """

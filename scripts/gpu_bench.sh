@@ -10,10 +10,10 @@ run() {
   timeout "$1" python3 -m dino_jax.bench step "${@:2}" 2>&1 | tee -a "$out/bench.log" \
     | grep '^{' >> "$out/bench.jsonl"
 }
-small=(--config configs/vit_small16.py --batch 128 --steps 10 --warmup 3)
-base=(--config configs/vit_base16.py --batch 64 --steps 10 --warmup 3)
+small=(--config=vit_small16 --batch 128 --steps 10 --warmup 3)
+base=(--config=vit_base16 --batch 64 --steps 10 --warmup 3)
 run 100 "${small[@]}"
-run 80 "${small[@]}" --set 'model.attention="xla"'
+run 80 "${small[@]}" --config.model.attention=xla
 run 100 "${base[@]}" || true
-grep -q '"vit_base"' "$out/bench.jsonl" || run 80 "${base[@]}" --set 'model.attention="xla"'
+grep -q '"vit_base"' "$out/bench.jsonl" || run 80 "${base[@]}" --config.model.attention=xla
 cat "$out/bench.jsonl"

@@ -4,10 +4,10 @@ import fcntl
 import os
 import tempfile
 
+from helpers.xla import xla_flags
+
 # Must happen before jax is imported anywhere: sharded code is tested on 8 CPU devices.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Many tests compile the same small programs (and spawn processes that do): a persistent
 # compilation cache, inherited by subprocesses through the environment, compiles each once.

@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 from helpers.localhost import free_port
 from helpers.tiny import data_config
+from helpers.xla import xla_flags
 from jax.sharding import PartitionSpec
 
 from dino_jax.data import pipeline
@@ -91,7 +92,7 @@ def test_two_processes_each_feed_their_own_half(tmp_path):
     config = data_config()
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "XLA_FLAGS": xla_flags(2),
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(REPO),
     }

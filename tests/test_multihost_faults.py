@@ -12,6 +12,7 @@ import time
 import pytest
 from helpers.fault_helpers import HELPERS, ROOT, finalised_steps
 from helpers.localhost import free_port
+from helpers.xla import xla_flags
 
 HEARTBEAT_S = 10  # --heartbeat_timeout_seconds: how long a silent process counts as alive
 BOUND_S = 60  # generous on 2 loaded cores; measured figures are in docs/reliability.md
@@ -20,7 +21,7 @@ BOUND_S = 60  # generous on 2 loaded cores; measured figures are in docs/reliabi
 def launch(workdir, overrides: dict) -> list[subprocess.Popen]:
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "XLA_FLAGS": xla_flags(2),
         "JAX_PLATFORMS": "cpu",
         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
     }

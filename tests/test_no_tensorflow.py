@@ -7,11 +7,13 @@ import pathlib
 import subprocess
 import sys
 
+from helpers.xla import xla_flags
+
 HELPER = pathlib.Path(__file__).resolve().parent / "helpers" / "without_tensorflow.py"
 
 
 def test_demo_paths_run_with_tensorflow_unimportable(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8)}
     workdir = tmp_path / "demo"
     result = subprocess.run(
         [sys.executable, str(HELPER), str(workdir)],

@@ -11,6 +11,7 @@ import jax
 import pytest
 from helpers.states import assert_states_equal
 from helpers.tiny import tiny_config
+from helpers.xla import xla_flags
 
 from dino_jax import parallel
 from dino_jax.data.pipeline import to_global
@@ -67,7 +68,7 @@ print("STATUS", result.status, int(result.state.step), flush=True)
 
 def launch(workdir, steps):
     code = WORKER.format(tests=os.path.join(ROOT, "tests"), steps=steps, workdir=str(workdir))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8)}
     return subprocess.Popen(
         [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
     )

@@ -11,6 +11,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from helpers.tiny import tiny_config
+from helpers.xla import xla_flags
 
 
 def get_config():
@@ -21,7 +22,7 @@ def train_py(workdir, *args, timeout: float = 120) -> subprocess.CompletedProces
     """`python train.py --config=<this file> --workdir=<workdir> *args` on 8 CPU devices."""
     here = pathlib.Path(__file__).resolve()
     root = here.parents[2]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8)}
     cmd = [sys.executable, str(root / "train.py"), f"--config={here}", f"--workdir={workdir}"]
     cmd += args
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)

@@ -14,6 +14,7 @@ import jax
 from dino_jax.checkpoint import Checkpointer
 from dino_jax.trainer import build_run
 from helpers.tiny import tiny_config
+from helpers.xla import xla_flags
 
 TESTS = pathlib.Path(__file__).resolve().parent.parent  # tests/
 ROOT = TESTS.parent
@@ -28,7 +29,7 @@ class Worker:
         cmd += ["--overrides", json.dumps(overrides), "--save-delay", str(save_delay)]
         env = {
             **os.environ,
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+            "XLA_FLAGS": xla_flags(8),
             "PYTHONPATH": str(ROOT),
         }
         self.log = pathlib.Path(log or f"{workdir}.stderr")

@@ -13,10 +13,13 @@ import time
 
 process_id, num_processes, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 late_s = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // num_processes}"
 # the repository (for dino_jax) and tests/ (for helpers.*), found from this file's location
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from helpers.xla import xla_flags  # noqa: E402
+
+os.environ["XLA_FLAGS"] = xla_flags(8 // num_processes)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
