@@ -128,13 +128,19 @@ class MetricLogger:
             shown = {k: round(v, 5) for k, v in values.items() if "/" in k}
             _LOG.info("step %d: %s", step, shown)
 
-    def close(self) -> None:
-        if not self.active:
-            return
+    def end_progress(self) -> None:
+        """Leave the finished bar on screen; later log lines (the final evaluation's) follow
+        it as plain lines."""
         if self._logs_above_bar is not None:
             self._logs_above_bar.restore()
             self._logs_above_bar = None
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        self.end_progress()
         self._jsonl.close()
         self._tb.close()

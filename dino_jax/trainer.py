@@ -281,6 +281,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
             if start < last:
                 save(last, force=True)
         ckpt.wait()
+        logger.end_progress()
         if status == "finished":
             final = evaluator(state, config.optim.epochs, final=True) if evaluator else {}
             logger.record(last, final)

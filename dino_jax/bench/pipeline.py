@@ -66,10 +66,11 @@ def make_jpegs(directory: pathlib.Path, count: int, seed: int = 0) -> list[pathl
 
 
 def measure(step: Callable[[], int], seconds: float) -> dict[str, float]:
-    """Run `step` (returns images done) for at least `seconds`; wall and process-CPU rates."""
+    """Run `step` (returns images done) at least once and for at least `seconds`; wall and
+    process-CPU rates."""
     step()  # warm-up: imports, caches, tf.data start
     images, wall0, cpu0 = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - wall0 < seconds:
+    while not images or time.perf_counter() - wall0 < seconds:
         images += step()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     return {
