@@ -67,6 +67,7 @@ def main(workdir: str) -> None:
             f"--config={tiny}",
             f"--workdir={workdir}",
             "--config.optim.epochs=1",
+            "--config.optim.batch_size=64",  # 31 steps
             "--config.optim.warmup_epochs=0",
             "--config.data.eval_train_split=test",
             "--config.data.eval_test_split=test",
