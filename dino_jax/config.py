@@ -32,8 +32,19 @@ def load_recipe(path: str | os.PathLike[str]) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {path} does not exist: give one such as configs/demo.py")
     spec = importlib.util.spec_from_file_location("recipe", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        config = module.get_config()
+    except Exception as err:  # the recipe's own code failed: say where, not a traceback
+        raise ConfigError(
+            f"config file {path} could not be loaded ({type(err).__name__}: {err}); a recipe"
+            " defines get_config() returning dino_jax.config.default_config() with changes"
+        ) from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(
+            f"config file {path}: get_config() returned {type(config).__name__}, not a ConfigDict"
+        )
+    return config
 
 
 def dotted(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:

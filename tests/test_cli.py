@@ -109,6 +109,26 @@ def test_every_command_refuses_the_same_mistake_with_the_same_message(
         assert name not in seen  # refused before any work
 
 
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("def get_config(:\n", "SyntaxError"),
+        ("x = 1\n", "AttributeError"),
+        ("def get_config():\n    return {'optim': {}}\n", "returned dict, not a ConfigDict"),
+    ],
+    ids=["syntax error", "no get_config", "not a ConfigDict"],
+)
+def test_a_broken_recipe_file_is_a_message_not_a_traceback(source, message, tmp_path, capsys):
+    recipe = tmp_path / "mine.py"
+    recipe.write_text(source)
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([f"--config={recipe}", f"--workdir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == cli.USER_ERROR and "Traceback" not in err
+    assert f"config file {recipe} could not be loaded" in err or "ConfigDict" in err
+    assert message in err and not (tmp_path / "run").exists()
+
+
 def test_recipes_are_found_by_name_or_path_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert {"demo", "vit_small16", "vit_base16", "vit_small8"} <= set(cli.recipe_names())
