@@ -45,7 +45,9 @@ def recipe_path(name_or_path: str) -> pathlib.Path:
     path = pathlib.Path(os.path.expanduser(name_or_path))
     if path.is_file():
         return path
-    name = path.stem if path.suffix == ".py" else name_or_path
+    # `configs/NAME.py` typed outside a checkout still names a recipe; any other path does not
+    in_configs = path.suffix == ".py" and path.parts[:-1] == ("configs",)
+    name = path.stem if in_configs else name_or_path
     for folder in RECIPE_DIRS:
         candidate = folder / f"{name}.py"
         if candidate.is_file():
@@ -188,15 +190,23 @@ def parser(prog: str, description: str, **kwargs) -> argparse.ArgumentParser:
 class Command(NamedTuple):
     prog: str
     args: argparse.Namespace
-    recipe: str | None  # --config=NAME|FILE, if given
+    recipe: str | None  # the recipe's short name: --config=NAME|FILE, else the default
+    config: ml_collections.ConfigDict | None  # that recipe with the overrides applied
     overrides: list[tuple[str, str]]  # (dotted key, text) of every --config.a.b=v
 
 
 def parse_command(
-    build: Callable[[], argparse.ArgumentParser], argv: Sequence[str] | None = None
+    build: Callable[[], argparse.ArgumentParser],
+    argv: Sequence[str] | None = None,
+    default_recipe: str | None = None,
 ) -> Command:
-    """The command line parsed by `build()`'s parser, config arguments set aside; user errors
-    exit 2 with a message, `--help-keys` prints every config key and exits 0."""
+    """The command line parsed by `build()`'s parser, with its config: the --config recipe
+    (else `default_recipe`) and the overrides applied. User errors exit 2 with a message,
+    before the command does anything; `--help-keys` prints every config key and exits 0.
+
+    Without a recipe (and no default) the config is None and the overrides are checked
+    against default_config(): the config the command ends up with (a work directory's, say)
+    has the same keys and types; command_config applies them to it."""
     argv = list(sys.argv[1:] if argv is None else argv)
     p = build()
     if "--help-keys" in argv:
@@ -204,40 +214,25 @@ def parse_command(
         raise SystemExit(0)
     try:
         rest, recipe, overrides = split_config_args(argv)
-        # Recipe and keys are checked now, before the command does anything: the config a
-        # command ends up with (a work directory's, say) has the same keys and types.
-        apply_overrides(load_config(recipe) if recipe else default_config(), overrides)
+        recipe = recipe or default_recipe
+        config = load_config(recipe) if recipe else None
+        apply_overrides(config if config is not None else default_config(), overrides)
     except ConfigError as err:
         fail(p.prog, str(err))
-    return Command(p.prog, p.parse_args(rest), recipe, overrides)
+    name = pathlib.Path(recipe).stem if recipe else None
+    return Command(p.prog, p.parse_args(rest), name, config, overrides)
 
 
 def command_config(
-    cmd: Command,
-    *,
-    default: str | None = None,
-    base: ml_collections.ConfigDict | None = None,
+    cmd: Command, base: ml_collections.ConfigDict | None = None
 ) -> ml_collections.ConfigDict:
-    """The config of a command: its --config recipe, else `base` (a copy), else the recipe
-    `default`, else default_config(); then its overrides. Exits 2 on a bad recipe or key."""
-    try:
-        if cmd.recipe is not None:
-            config = load_config(cmd.recipe)
-        elif base is not None:
-            config = copy.deepcopy(base)
-        elif default is not None:
-            config = load_config(default)
-        else:
-            config = default_config()
-        apply_overrides(config, cmd.overrides)
-    except ConfigError as err:
-        fail(cmd.prog, str(err))
+    """The config of a command: its recipe's, else `base` (a copy) or default_config() with
+    the command's overrides."""
+    if cmd.config is not None:
+        return cmd.config
+    config = copy.deepcopy(base) if base is not None else default_config()
+    apply_overrides(config, cmd.overrides)  # checked by parse_command: cannot fail
     return config
-
-
-def recipe_name(cmd: Command, default: str) -> str:
-    """The recipe's short name (for default work directories)."""
-    return pathlib.Path(cmd.recipe or default).stem
 
 
 def quiet_orbax(show_info: bool = False) -> None:

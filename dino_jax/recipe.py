@@ -103,7 +103,7 @@ class Recipe:
 
 
 def build(c: ml_collections.ConfigDict, steps_per_epoch: int) -> Recipe:
-    """The recipe of a validated config (dino_jax.config.validate) for epochs of that length."""
+    """The recipe of a validated config (dino_jax.validation.validate) for epochs of that length."""
     schedules = build_schedules(c, steps_per_epoch)
     hp = DinoHParams(
         model=build_network(c),

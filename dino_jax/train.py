@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cmd = cli.parse_command(build_parser, argv)
-    config = cli.command_config(cmd, default=DEFAULT_RECIPE)
+    cmd = cli.parse_command(build_parser, argv, default_recipe=DEFAULT_RECIPE)
+    config = cmd.config
     args = cmd.args
     cli.setup_logging(show_orbax_info=args.checkpoint_info_logs)
     import jax
@@ -75,9 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     from dino_jax.data.sources import DataError
     from dino_jax.trainer import NonFiniteLossError, train
 
-    recipe = cli.recipe_name(cmd, DEFAULT_RECIPE)
-    workdir = args.workdir or os.path.join("workdirs", recipe)
-    _LOG.info("config %s, workdir %s, devices %s", recipe, workdir, jax.devices())
+    workdir = args.workdir or os.path.join("workdirs", cmd.recipe)
+    _LOG.info("config %s, workdir %s, devices %s", cmd.recipe, workdir, jax.devices())
     try:
         result = train(config, workdir)
     except (ConfigError, CheckpointError, DataError) as err:

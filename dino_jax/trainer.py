@@ -22,7 +22,7 @@ from dino_jax.checkpoint import (
     check_resume_config,
     check_work_dir,
 )
-from dino_jax.config import flatten_config, validate
+from dino_jax.config import flatten_config
 from dino_jax.data import pipeline
 from dino_jax.data.decode import SkipLog
 from dino_jax.evaluate.during_training import TrainingEvaluator
@@ -30,6 +30,7 @@ from dino_jax.metrics_log import MetricLogger
 from dino_jax.preemption import Preemption
 from dino_jax.state import TrainState
 from dino_jax.train_step import DinoHParams, train_step
+from dino_jax.validation import validate
 
 _LOG = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def build_run(
     mesh: jax.sharding.Mesh | None = None,
     skips: SkipLog | None = None,
 ) -> Run:
-    """The static parts of a run of `config`, which must have passed config.validate."""
+    """The static parts of a run of `config`, which must have passed validation.validate."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.connect_processes(mesh)
     skips = SkipLog() if skips is None else skips

@@ -90,7 +90,7 @@ def run(config, steps: int, warmup: int) -> dict:
     config.data.source = "synthetic"
     config.data.synthetic_examples = 1000 * config.optim.batch_size
     config.data.synthetic_classes = max(config.data.synthetic_classes, 1)
-    from dino_jax.config import validate
+    from dino_jax.validation import validate
 
     validate(config, jax.device_count(), jax.process_count())
     train_run = build_run(config)
@@ -151,8 +151,8 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cmd = cli.parse_command(build_parser, argv)
-    config = cli.command_config(cmd, default="vit_small16")
+    cmd = cli.parse_command(build_parser, argv, default_recipe="vit_small16")
+    config = cmd.config
     if cmd.args.batch:
         config.optim.batch_size = cmd.args.batch
     from dino_jax.config import ConfigError

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,19 +66,21 @@ class MultiCropConfig:
     @classmethod
     def from_config(cls, aug: Any) -> MultiCropConfig:
         """From a `config.aug` section; ValueError listing every unusable value."""
-        from dino_jax.config import aug_errors
+        from dino_jax.validation import aug_errors
 
         errors = aug_errors(aug, patch_size=None)
         if errors:
             raise ValueError("invalid multi-crop settings:\n  - " + "\n  - ".join(errors))
 
-        def convert(field: dataclasses.Field) -> Any:
-            value = aug[field.name]
-            if isinstance(value, (tuple, list)):
-                return tuple(float(v) for v in value)
-            return int(value) if field.type == "int" else float(value)
+        def convert(name: str, kind: Any) -> Any:
+            if kind is int or kind is float:
+                return kind(aug[name])
+            return tuple(float(v) for v in aug[name])
 
-        return cls(**{f.name: convert(f) for f in dataclasses.fields(cls)})
+        return cls(**{name: convert(name, kind) for name, kind in _FIELD_TYPES.items()})
+
+
+_FIELD_TYPES = typing.get_type_hints(MultiCropConfig)
 
 
 @flax.struct.dataclass

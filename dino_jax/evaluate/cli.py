@@ -177,7 +177,7 @@ def run_attention(args, backbone, variables, info) -> dict[str, Any]:
 def check_eval_config(config, backbone, command: str, num_devices: int) -> None:
     """The sections an evaluation reads, checked by the training validators (the patch size
     is the loaded backbone's); exits 2 with every problem listed."""
-    from dino_jax import config as checks
+    from dino_jax import validation as checks
 
     errors = checks.schema_errors(config)
     if not errors:
