@@ -27,7 +27,7 @@ def steps(fixtures_dir):
 
 @pytest.fixture(scope="module")
 def ckpt(fixtures_dir):
-    return load_official(fixtures_dir / "checkpoint.pth")
+    return load_official(fixtures_dir / "checkpoint.pth", optimizer=True)
 
 
 def network(ckpt):

@@ -15,6 +15,7 @@ import zipfile
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers.pth_files import as_pth, dict_pkl, tensor_ops, write_pth
 
 from dino_jax.interop.pth import Namespace, UnsafeCheckpointError, load_pth, save_pth
 from dino_jax.interop.pth_read import LEGACY_MAGIC
@@ -57,32 +58,6 @@ def assert_same(a, b, where="obj"):
 
 
 # ---- hand-made torch.save files ---------------------------------------------------------------
-
-
-def frag(value) -> bytes:
-    """Protocol-2 opcodes for a plain value, without the PROTO header and STOP."""
-    return pickle.dumps(value, protocol=2)[2:-1]
-
-
-def tensor_ops(storage, key, numel, offset, size, stride) -> bytes:
-    pid = b"(" + frag("storage") + f"ctorch\n{storage}\n".encode() + frag(key)
-    pid += frag("cpu") + frag(numel) + b"tQ"
-    args = pid + frag(offset) + frag(size) + frag(stride) + b"\x89ccollections\nOrderedDict\n)R"
-    return b"ctorch._utils\n_rebuild_tensor_v2\n(" + args + b"tR"
-
-
-def write_pth(path, pkl: bytes, storages: dict, byteorder=b"little"):
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr("made/data.pkl", pkl)
-        z.writestr("made/byteorder", byteorder)
-        for key, data in storages.items():
-            z.writestr(f"made/data/{key}", data)
-        z.writestr("made/version", b"3\n")
-
-
-def dict_pkl(entries: dict) -> bytes:
-    body = b"".join(frag(name) + ops for name, ops in entries.items())
-    return b"\x80\x02}(" + body + b"u."
 
 
 BASE = np.arange(12, dtype=np.float32) * 1.5
@@ -294,11 +269,6 @@ class Exploit:
 
     def __reduce__(self):
         return (os.system, (self.command,))
-
-
-def as_pth(path, pkl: bytes):
-    write_pth(path, pkl, {})
-    return path
 
 
 def test_os_system_payload_is_refused(tmp_path):

@@ -4,9 +4,23 @@ no torch import, and no code from the file is ever run."""
 from dino_jax.interop.pth_read import (
     ALLOWED_GLOBALS,
     Namespace,
+    PthError,
+    PthFile,
+    TensorInfo,
     UnsafeCheckpointError,
     load_pth,
+    open_pth,
 )
 from dino_jax.interop.pth_write import save_pth
 
-__all__ = ["ALLOWED_GLOBALS", "Namespace", "UnsafeCheckpointError", "load_pth", "save_pth"]
+__all__ = [
+    "ALLOWED_GLOBALS",
+    "Namespace",
+    "PthError",
+    "PthFile",
+    "TensorInfo",
+    "UnsafeCheckpointError",
+    "load_pth",
+    "open_pth",
+    "save_pth",
+]
