@@ -12,7 +12,7 @@ from helpers.fault_helpers import logged
 from helpers.tiny import tiny_config
 from PIL import Image
 
-from dino_jax.data.decode import reason_kind
+from dino_jax.data.decode import read_skip_log, reason_kind
 from dino_jax.data.sources import folder
 from dino_jax.trainer import train
 
@@ -67,6 +67,13 @@ def build_corpus(root) -> dict:
         (a / f"good{i}.png").write_bytes(encode(noise(20 + i, 30 - i), "PNG"))
         (b / f"good{i}.jpg").write_bytes(encode(noise(24, 18 + i), "JPEG"))
     expected = {}
+    # Clutter that is neither a class nor an image: a zip's resource forks, NAS thumbnails.
+    (root / "__MACOSX" / "a").mkdir(parents=True)
+    (root / "__MACOSX" / "a" / "._good0.png").write_bytes(b"\0\5\26\7 AppleDouble")
+    (a / "@eaDir" / "good0.png").mkdir(parents=True)
+    (a / "@eaDir" / "good0.png" / "SYNOPHOTO_THUMB_S.jpg").write_bytes(encode(noise(8, 8), "JPEG"))
+    (root / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (b / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
 
     def put(path, data: bytes, outcome: str):
         path.write_bytes(data)
@@ -83,10 +90,14 @@ def build_corpus(root) -> dict:
         a / "locked.jpg", encode(noise(16, 16), "JPEG"), USED if os.geteuid() == 0 else "unreadable"
     )
     os.chmod(a / "locked.jpg", 0)
-    put(a / "truncated.jpg", encode(noise(64, 64), "JPEG")[:600], "corrupt")
+    # File names that a log must write losslessly: bytes that are not UTF-8, a tab, line breaks,
+    # backslashes that look like escapes; and a good image named with bytes that are not UTF-8.
+    put(a / os.fsdecode(b"trunc\xff\xfeated.jpg"), encode(noise(64, 64), "JPEG")[:600], "corrupt")
+    os.rename(b / "good0.jpg", b / os.fsdecode(b"g\xe9\xff good0.jpg"))
     put(b / "truncated.png", encode(noise(64, 64), "PNG")[:300], "corrupt")
-    put(a / "empty.jpg", b"", "empty file")
-    put(b / "text.jpg", b"these are not the pixels you are looking for\n", "not an image")
+    put(a / "empty \\x41 \\\\ back\\slash.jpg", b"", "empty file")
+    text = b"these are not the pixels you are looking for\n"
+    put(b / "text\twith a tab\nand a newline\r.jpg", text, "not an image")
     put(a / "huge.png", png(20_000, 20_000, 8, 2, b"\0" * 64)[:-12], "too large")
     put(b / "huge.jpg", huge_jpeg_header(), "too large")
     put(a / "gone.png", encode(noise(8, 8), "PNG"), "unreadable")  # deleted after listing
@@ -110,8 +121,8 @@ def build_corpus(root) -> dict:
 
 
 def read_skips(workdir) -> dict[str, str]:
-    lines = (workdir / "skipped_files.tsv").read_text().splitlines()
-    entries = [line.split("\t", 1) for line in lines]
+    entries, stale = read_skip_log(str(workdir / "skipped_files.tsv"))
+    assert not stale
     assert len({k for k, _ in entries}) == len(entries), "a file is listed twice"
     return dict(entries)
 
@@ -122,6 +133,7 @@ def test_training_goes_on_and_lists_every_skipped_file(tmp_path, tally, monkeypa
 
     def list_then_delete(root, skips):
         result = listing(root, skips)
+        assert result.class_names == ("a", "b")  # __MACOSX is no class
         os.remove(tmp_path / "images" / "a" / "gone.png")  # vanishes between listing and read
         return result
 

@@ -1,21 +1,35 @@
-"""decode_image on every kind of awkward input, the canvas, and the SkipLog (no TensorFlow)."""
+"""decode_image on every kind of awkward input, the bounds on what one input may cost, the canvas,
+and the SkipLog with its file format (no TensorFlow)."""
 
+import gzip
 import io
+import os
 import struct
+import threading
+import tracemalloc
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
+from dino_jax.data import decode
 from dino_jax.data.decode import (
+    SKIP_LOG_HEADER,
     BadImage,
     SkipLog,
+    byte_limit,
     decode_image,
+    escape_field,
     fit_size,
+    pixel_limit,
+    read_file,
     reason_kind,
     to_canvas,
+    unescape_field,
 )
+from dino_jax.data.sources import DataError
+from dino_jax.data.sources.demo import read_idx
 
 RNG = np.random.default_rng(0)
 
@@ -187,4 +201,181 @@ def test_skip_log_counts_distinct_inputs_and_appends_to_its_file(tmp_path):
     assert log.entries(1) == [("b.png", "too large: 20000x20000")]
     assert log.summary() == {"corrupt": 1, "too large": 1}
     lines = (tmp_path / "skipped.tsv").read_text().splitlines()
-    assert lines == ["a.jpg\tcorrupt: OSError: truncated", "b.png\ttoo large: 20000x20000"]
+    assert lines == [
+        SKIP_LOG_HEADER,
+        "a.jpg\tcorrupt: OSError: truncated",
+        "b.png\ttoo large: 20000x20000",
+    ]
+
+
+# ----------------------------------------------------------------------------- bounds
+
+
+def bilevel_png(width: int, height: int) -> bytes:
+    """A valid all-black 1-bit PNG of width x height, compressed row by row: a few KB for
+    10^8 pixels, which decode to hundreds of MB."""
+    row = b"\0" + bytes((width + 7) // 8)
+    packer = zlib.compressobj(9)
+    body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    idat = png_chunk(b"IDAT", body)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + idat + png_chunk(b"IEND", b"")
+
+
+class PixelsLoaded(BaseException):  # not an Exception: decode_image lets it through
+    pass
+
+
+@pytest.fixture
+def no_pixel_loading(monkeypatch):
+    """Image loading (decoding pixels into memory) stopped with PixelsLoaded(width, height)."""
+
+    def load(self):
+        raise PixelsLoaded(*self.size)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+
+def test_pixel_limit_follows_the_canvas():
+    assert pixel_limit(28) == pixel_limit(512) == 4096 * 4096
+    assert pixel_limit(1024) == 64 * 1024 * 1024
+    assert byte_limit(512) == 4 * 4096 * 4096 + (1 << 20)
+
+
+def test_a_small_file_of_many_pixels_is_refused_from_its_header(tally, no_pixel_loading):
+    data = bilevel_png(9400, 9400)  # the red team's bomb: 88 M pixels, under PIL's own limit
+    assert len(data) < 40_000
+    with tally.bad_input(), pytest.raises(BadImage, match=r"^too large: 9400x9400 pixels"):
+        decode_image(data, 512)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_the_limit_applies_after_reduced_jpeg_decoding(no_pixel_loading):
+    huge = b"\xff\xd8" + struct.pack(">HHBHHB", 0xFFC0, 17, 8, 12_000, 12_000, 3)
+    huge += b"\x01\x11\x00\x02\x11\x00\x03\x11\x00" + b"\xff\xda" + bytes(12) + b"\xff\xd9"
+    # 144 M pixels stored, decoded at 1/8 scale (1500 x 1500) for a 512 canvas: within bounds.
+    with pytest.raises(PixelsLoaded) as loaded:
+        decode_image(huge, 512)
+    assert loaded.value.args == (1500, 1500)
+    with pytest.raises(BadImage, match=r"too large: 12000x12000 pixels to decode"):
+        decode_image(bilevel_png(12_000, 12_000), 512)  # a PNG has no reduced decoding
+
+
+def test_encoded_bytes_beyond_the_limit_are_refused_unread(tmp_path, tally, monkeypatch):
+    monkeypatch.setattr(decode, "MIN_PIXEL_LIMIT", 1000)
+    monkeypatch.setattr(decode, "HEADER_BYTES", 0)
+    limit = byte_limit(2)  # 4,000 bytes
+    with tally.bad_input(), pytest.raises(BadImage, match=r"^too large: 4,001 bytes"):
+        decode_image(bytes(limit + 1), 2)  # a TFDS record
+
+    sparse = tmp_path / "huge.jpg"  # a 3 GB ".jpg", sparse: nothing to allocate on disk
+    with open(sparse, "wb") as f:
+        f.truncate(3 << 30)
+    with tally.bad_input(), pytest.raises(BadImage, match=r"^too large: file of 3,221,225,472"):
+        read_file(str(sparse), 64 << 20)
+
+
+def _read_in_thread(path: str) -> BaseException | bytes | None:
+    """read_file(path) on a thread, given 20 s: None if it is still blocked then."""
+    out: list = []
+
+    def run():
+        try:
+            out.append(read_file(path, 1 << 20))
+        except BaseException as e:
+            out.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(20)
+    return out[0] if out else None
+
+
+def test_files_swapped_after_the_listing_are_refused_without_blocking(tmp_path, tally):
+    os.mkfifo(tmp_path / "fifo.jpg")  # opened plainly, a FIFO blocks its reader forever
+    os.symlink("/dev/zero", tmp_path / "zero.jpg")  # read plainly, endless
+    for name in ("fifo.jpg", "zero.jpg"):
+        with tally.bad_input():
+            outcome = _read_in_thread(str(tmp_path / name))
+            assert isinstance(outcome, BadImage), (name, outcome)
+            assert outcome.reason == "not a regular file"
+
+
+# ----------------------------------------------------------------------------- skip log format
+
+HOSTILE_NAMES = [
+    os.fsdecode(b"/data/bad\xff\xfe name.jpg"),  # not UTF-8
+    "/data/tab\tnew\nline\rcarriage.png",
+    "/data/back\\slash \\t \\x41 \\u0041 \\\\.jpg",  # text that looks like escapes
+    "/data/control \x01\x1b\x7f.jpg",
+    "/data/separators \u2028 \x85 \x1c \u00a0 \u200b.jpg",  # line breaks to str.splitlines
+    "/data/ünïcödé 猫 🐈.jpg",
+    "/data/lone \udc80 \ud800 surrogates.jpg",  # not a file name, but a str all the same
+    "/data/# looks like the header.jpg",
+]
+
+
+def test_any_name_is_logged_on_one_line_and_read_back_exactly(tmp_path, tally):
+    path = tmp_path / "skipped.tsv"
+    log = SkipLog(path)
+    for i, name in enumerate(HOSTILE_NAMES):
+        log.add(name, f"corrupt: reason {i} with\ta tab and {name}")
+    raw = path.read_bytes()
+    lines = raw.decode("utf-8").splitlines()  # strict: the file is valid UTF-8
+    assert len(lines) == raw.count(b"\n") == 1 + len(HOSTILE_NAMES)
+    again = SkipLog(path)  # a resumed run
+    for (key, reason), (key2, reason2) in zip(log.entries(), again.entries(), strict=True):
+        with tally.bad_input():
+            assert (key2, reason2) == (key, reason)
+    assert again.count == len(HOSTILE_NAMES)
+    assert os.fsencode(again.entries()[0][0]) == b"/data/bad\xff\xfe name.jpg"
+
+
+@pytest.mark.parametrize("text", [*HOSTILE_NAMES, "", "\\", "\\\\x", "plain"])
+def test_escaping_is_lossless_and_printable(text):
+    field = escape_field(text)
+    assert unescape_field(field) == text
+    assert field.isprintable() and "\t" not in field and "\n" not in field
+    field.encode("utf-8")  # no surrogates left
+
+
+def test_files_written_before_escaping_are_read_and_rewritten(tmp_path):
+    path = tmp_path / "skipped.tsv"
+    path.write_text("/data/a b.jpg\tcorrupt: x\n/data/c\\d.png\tempty file\n/data/cut\tcorr")
+    log = SkipLog(path)  # the old format, with a line cut short by a crash
+    assert log.entries() == [("/data/a b.jpg", "corrupt: x"), ("/data/c\\d.png", "empty file")]
+    log.add("/data/new\n.jpg", "not an image")
+    assert path.read_text().splitlines() == [
+        SKIP_LOG_HEADER,
+        "/data/a b.jpg\tcorrupt: x",
+        "/data/c\\\\d.png\tempty file",
+        "/data/new\\n.jpg\tnot an image",
+    ]
+    assert SkipLog(path).entries() == log.entries()
+
+
+def test_idx_files_are_read_no_further_than_their_header_says(tmp_path, tally):
+    """The demo source's IDX files: a gzip bomb or a lying header is refused without
+    inflating or reading what it claims."""
+    header = b"\0\0\x08\x01" + struct.pack(">I", 10)  # 10 uint8 values
+    bomb = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    with gzip.open(bomb, "wb") as f:
+        f.write(header)
+        for _ in range(64):
+            f.write(bytes(1 << 20))  # inflates to 64 MiB
+    liar = tmp_path / "liar.gz"
+    with gzip.open(liar, "wb") as f:
+        f.write(b"\0\0\x08\x01" + struct.pack(">I", 0xFFFFFFFF) + bytes(10))
+    tracemalloc.start()
+    try:
+        with (
+            tally.bad_input(),
+            pytest.raises(DataError, match=r"longer than its header says \(18 bytes"),
+        ):
+            read_idx(bomb)
+        with tally.bad_input(), pytest.raises(DataError, match=r"announces \(4294967295,\)"):
+            read_idx(liar)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20  # neither file was read whole

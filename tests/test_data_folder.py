@@ -1,4 +1,5 @@
-"""The folder source end to end: layouts, labels, bad inputs skipped and reported, errors."""
+"""The folder source end to end: layouts, labels by class name, clutter ignored, bad inputs
+skipped and reported, errors."""
 
 import io
 import os
@@ -8,12 +9,16 @@ import zlib
 import numpy as np
 import pytest
 from helpers.tiny import data_config as shared_data_config
+from helpers.tiny import tiny_config
 from PIL import Image
 
 from dino_jax.data import pipeline
 from dino_jax.data.decode import SkipLog, decode_image, reason_kind, to_canvas
-from dino_jax.data.sources import DataError
+from dino_jax.data.sources import DataError, check_eval_classes
 from dino_jax.data.sources.folder import list_folder
+from dino_jax.evaluate.during_training import TrainingEvaluator
+from dino_jax.evaluate.knn_eval import knn_evaluation, knn_metrics
+from dino_jax.trainer import train
 
 CANVAS = 64
 RNG = np.random.default_rng(0)
@@ -144,7 +149,7 @@ def test_eval_yields_exactly_the_good_images_and_reports_every_skip(tmp_path):
     assert sorted(seen) == sorted(expected_example(p, tmp_path) for p in good)
     assert {k: reason_kind(r) for k, r in log.entries()} == skips
     assert log.count == len(skips)
-    assert len((tmp_path / "skipped.tsv").read_text().splitlines()) == len(skips)
+    assert len((tmp_path / "skipped.tsv").read_text().splitlines()) == 1 + len(skips)  # header
 
 
 def test_training_epoch_yields_only_good_images(tmp_path):
@@ -223,3 +228,120 @@ def test_unknown_source_and_too_small_dataset(tmp_path):
     save(tmp_path / "train" / "c" / "a.png", rgb(4, 4), "PNG")
     with pytest.raises(DataError, match="fewer than one global batch"):
         pipeline.train_data(data_config(tmp_path), 4)
+
+
+# ----------------------------------------------------------------------------- clutter and labels
+
+JUNK = [
+    "__MACOSX",
+    "__macosx",
+    "@eaDir",
+    ".ipynb_checkpoints",
+    ".Trashes",
+    "$RECYCLE.BIN",
+    "System Volume Information",
+    "lost+found",
+    "#recycle",
+    "@Recycle",
+]
+JUNK_FILES = ["._cat0.png", ".DS_Store", "Thumbs.db", "desktop.ini", "Icon\r"]
+
+
+def make_classes(root, names, per_class: int = 2) -> None:
+    for name in names:
+        for i in range(per_class):
+            save(root / name / f"{name}{i}.png", rgb(4, 4 + i), "PNG")
+
+
+@pytest.mark.parametrize("junk", JUNK)
+def test_clutter_folders_are_neither_classes_nor_images(tmp_path, tally, junk):
+    make_classes(tmp_path, ["ant", "bee"])
+    # as left by an archiver or a NAS: image files inside, at the top and in a class folder
+    save(tmp_path / junk / "ant" / "ant0.png", rgb(4, 4), "PNG")
+    save(tmp_path / "ant" / junk / "SYNOPHOTO_THUMB_S.jpg", rgb(4, 4), "JPEG")
+    for name in JUNK_FILES:
+        (tmp_path / "ant" / name).write_bytes(b"\0\5\26\7 resource fork")
+        (tmp_path / name).write_bytes(b"\0\5\26\7 resource fork")
+    skips = SkipLog()
+    listing = list_folder(str(tmp_path), skips)
+    with tally.bad_input():
+        assert listing.class_names == ("ant", "bee")
+        assert sorted(os.path.basename(p) for p in listing.paths) == [
+            "ant0.png",
+            "ant1.png",
+            "bee0.png",
+            "bee1.png",
+        ]
+        assert listing.other_files == 0 and skips.count == 0
+        assert len(listing.junk) == 2 + 2 * len(JUNK_FILES)
+
+
+def test_the_test_split_takes_the_bank_labels_by_class_name(tmp_path, tally):
+    make_classes(tmp_path / "train", ["ant", "bee", "cat"])
+    make_classes(tmp_path / "val", ["bee", "cat"])  # no "ant": sorted on its own, bee would be 0
+    (tmp_path / "train" / "__MACOSX" / "ant").mkdir(parents=True)  # junk: must not shift labels
+    config = data_config(tmp_path, eval_train_split="train", eval_test_split="val")
+    with tally.bad_input():
+        (val,) = list(pipeline.eval_data(config, "val", 4))
+        assert sorted(val["label"][val["mask"]].tolist()) == [1, 1, 2, 2]
+        (bank,) = list(pipeline.eval_data(config, "train", 6))
+        assert sorted(bank["label"][bank["mask"]].tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_evaluations_whose_splits_disagree_on_class_names_are_refused(tmp_path, tally):
+    make_classes(tmp_path / "train", ["ant", "bee", "cat"])
+    make_classes(tmp_path / "val", ["Bee", "cat", "dog"])
+    make_classes(tmp_path / "bees", ["bee"])
+    for i in range(2):
+        save(tmp_path / "flat" / f"{i}.png", rgb(4, 4), "PNG")
+    config = data_config(tmp_path, eval_train_split="train", eval_test_split="val")
+    message = (
+        r"the split 'val' .* has class folders that the split 'train' .* lacks: \['Bee', 'dog'\]"
+    )
+    for check in (
+        lambda: pipeline.eval_data(config, "val", 4),
+        lambda: check_eval_classes(config),
+    ):
+        with tally.bad_input(), pytest.raises(DataError, match=message) as refused:
+            check()
+        assert "'Bee' ~ 'bee'" in str(refused.value)
+    # a bank class that the test split lacks is fine; a test split without classes is not
+    check_eval_classes(data_config(tmp_path, eval_train_split="train", eval_test_split="bees"))
+    for bank, test in (("train", "flat"), ("flat", "bees")):
+        flat = data_config(tmp_path, eval_train_split=bank, eval_test_split=test)
+        with tally.bad_input(), pytest.raises(DataError, match=r"split 'flat' .* no class sub-f"):
+            check_eval_classes(flat)
+
+
+def test_runs_and_evaluations_refuse_disagreeing_splits_before_any_work(tmp_path, tally):
+    make_classes(tmp_path / "train", ["ant", "bee"], per_class=8)
+    make_classes(tmp_path / "val", ["ant", "dog"])
+    config = tiny_config(
+        **{
+            "data.source": "folder",
+            "data.data_dir": str(tmp_path),
+            "data.split": "train",
+            "data.eval_train_split": "train",
+            "data.eval_test_split": "val",
+        }
+    )
+    asked = []
+    attempts = {
+        "training": lambda: train(config, str(tmp_path / "run")),
+        "the evaluator": lambda: TrainingEvaluator(config, None, None, str(tmp_path / "run")),
+        "k-NN": lambda: knn_evaluation(config, None, None, None, features=asked.append),
+    }
+    for what, attempt in attempts.items():
+        with tally.bad_input(), pytest.raises(DataError, match=r"lacks: \['dog'\]"):
+            attempt()
+        assert not asked and not (tmp_path / "run").exists(), what
+
+
+def test_knn_refuses_a_split_with_no_readable_or_labelled_image(tmp_path):
+    config = tiny_config(**{"data.eval_train_split": "train", "data.eval_test_split": "test"})
+    feats, labels = np.ones((4, 8), np.float32), np.arange(4) % 2
+    empty = (np.zeros((0, 8), np.float32), np.zeros(0, np.int64))
+    with pytest.raises(DataError, match=r"no image of the k-NN bank split 'train' could be read"):
+        knn_metrics(config, empty, (feats, labels), None)
+    with pytest.raises(DataError, match=r"the k-NN test split 'test' has no labels"):
+        knn_metrics(config, (feats, labels), (feats, -np.ones(4, np.int64)), None)

@@ -212,3 +212,16 @@ def test_linear_command_end_to_end(tmp_path):
     assert saved["best_top1"] == result["best_top1"] and saved["linear"]["epochs"] == 2
     probe = np.load(tmp_path / "linear_probe.npz")
     assert probe["kernel"].shape == (96, 10)
+
+
+def test_probe_classes_are_the_banks_when_validation_lacks_the_last(tmp_path):
+    # Folder labels of the validation split are bank indices: a split without the bank's last
+    # class must not shrink the probe below the bank's classes.
+    for split, classes in (("train", "abc"), ("val", "ab")):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+    data = default_config().data
+    data.source, data.data_dir, data.eval_train_split = "folder", str(tmp_path), "train"
+    assert linear.bank_class_count(data) == 3
+    data.source = "demo"
+    assert linear.bank_class_count(data) == 0

@@ -7,7 +7,8 @@ batches add "mask": bool (B,)); see docs/data.md. Keys read under `config.data`:
   split               split to train on: a TFDS split ("train", "train[:10%]"), a sub-folder of
                       data_dir for `folder` ("" = data_dir itself), "train"/"test" for `demo`.
   eval_train_split    split whose features form the k-NN bank (e.g. "train"); passed by the
-                      evaluator to `eval_data`, which reads no split key itself.
+                      evaluator to `eval_data`. The folder source labels the test split by
+                      the bank's class names (sources/folder.py), so it reads both keys.
   eval_test_split     split that is classified by k-NN (e.g. "validation", "test", "val").
   tfds_name           TFDS dataset name, with optional config/version ("imagenet2012").
   data_dir            TFDS data_dir; the image folder (folder); a directory of Fashion-MNIST IDX
@@ -30,13 +31,23 @@ import functools
 import itertools
 import logging
 import math
+import threading
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-from dino_jax.data.batches import Batch, empty_batch, in_background, pad_batch, without_bad
+from dino_jax.data.batches import (
+    Batch,
+    close_at_exit,
+    close_quietly,
+    empty_batch,
+    in_background,
+    pad_batch,
+    without_bad,
+)
 from dino_jax.data.decode import SkipLog, load_example
 from dino_jax.data.sources import (
     ArraySource,
@@ -87,6 +98,19 @@ def _load_record(canvas_size: int, skips: SkipLog, data: bytes, label: int, key:
     return load_example(read, lambda: key.decode(errors="replace"), canvas_size, skips)
 
 
+def _unless(cancelled: threading.Event, load: Callable) -> Callable:
+    """`load`, except that once `cancelled` is set it returns an empty bad example at once
+    (nothing read, decoded or logged): decodes queued when a stream closes cost nothing."""
+
+    def load_unless_cancelled(*args: Any) -> tuple:
+        if cancelled.is_set():
+            empty = np.zeros((0, 0, 3), np.uint8)
+            return empty, np.zeros(2, np.int32), np.int32(-1), np.bool_(False)
+        return load(*args)
+
+    return load_unless_cancelled
+
+
 def _decoded(ds: Any, load: Callable, num_parallel_calls: int) -> Any:
     """Map `load` (Python, PIL) over a tf.data stream in parallel, keeping the order."""
     tf = import_tensorflow()
@@ -104,7 +128,7 @@ def _decoded(ds: Any, load: Callable, num_parallel_calls: int) -> Any:
     return ds.map(decode, num_parallel_calls=calls, deterministic=True)
 
 
-def _numpy_batches(ds: Any, size: int, canvas_size: int, drop_remainder: bool) -> Iterator[Batch]:
+def _numpy_batches(ds: Any, size: int, canvas_size: int, drop_remainder: bool) -> Any:
     """Batches with each image zero-padded into its canvas by tf.data (C++, one copy)."""
     tf = import_tensorflow()
     options = tf.data.Options()
@@ -112,15 +136,61 @@ def _numpy_batches(ds: Any, size: int, canvas_size: int, drop_remainder: bool) -
     shapes = {"image": (canvas_size, canvas_size, 3), "size": (2,), "label": (), "ok": ()}
     ds = ds.padded_batch(size, padded_shapes=shapes, drop_remainder=drop_remainder)
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(options).as_numpy_iterator()
+    return ds.with_options(options)
+
+
+def _forget_frames(error: BaseException) -> None:
+    """Clear the local variables of the finished frames in `error`'s tracebacks (its context
+    and cause included): TensorFlow's frames there hold the iterator, which must not outlive
+    its stream. The traceback still prints in full."""
+    seen, chained = set(), [error]
+    while chained:
+        error = chained.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        chained += [error.__cause__, error.__context__]
+
+
+class TfBatches:
+    """A tf.data pipeline's batches as numpy, with an explicit end.
+
+    close() (called on errors, when the stream ends, by consumers, and at exit) cancels the
+    decodes not yet started and releases the tf.data iterator, whose threads then stop, even
+    if something (a traceback) still refers to this object."""
+
+    def __init__(self, ds: Any, cancelled: threading.Event):
+        self._cancelled = cancelled
+        self._iterator: Any = ds.as_numpy_iterator()
+        close_at_exit(self)
+
+    def __iter__(self) -> TfBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._iterator is None:
+            raise StopIteration
+        try:
+            return next(self._iterator)
+        except BaseException as error:
+            self.close()
+            _forget_frames(error)
+            raise
+
+    def close(self) -> None:
+        self._cancelled.set()
+        self._iterator = None
 
 
 def _decoded_batches(
     ds: Any, load: Callable, size: int, canvas_size: int, num_parallel_calls: int, drop: bool
-) -> Iterator[Batch]:
+) -> TfBatches:
     """`load` mapped over `ds` in parallel, then padded batches of `size` (`drop`: the last
     partial batch)."""
-    return _numpy_batches(_decoded(ds, load, num_parallel_calls), size, canvas_size, drop)
+    cancelled = threading.Event()
+    decoded = _decoded(ds, _unless(cancelled, load), num_parallel_calls)
+    return TfBatches(_numpy_batches(decoded, size, canvas_size, drop), cancelled)
 
 
 # ----------------------------------------------------------------------------- streams
@@ -190,9 +260,13 @@ class TrainData:
             if epoch == first_epoch and offset:
                 # Records before the resume point are read and dropped, but never decoded.
                 ds = ds.skip(offset * self.local_batch_size)
-            yield from _decoded_batches(
+            batches = _decoded_batches(
                 ds, load, self.local_batch_size, self.canvas_size, self.num_parallel_calls, True
             )
+            try:
+                yield from batches
+            finally:
+                batches.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,11 +303,14 @@ class EvalData:
                 records, load, size, self.canvas_size, self.num_parallel_calls, False
             )
         count = 0
-        for batch in batches:
-            if "ok" in batch:
-                batch["mask"] = batch.pop("ok")
-            count += 1
-            yield pad_batch(batch, size)
+        try:
+            for batch in batches:
+                if "ok" in batch:
+                    batch["mask"] = batch.pop("ok")
+                count += 1
+                yield pad_batch(batch, size)
+        finally:
+            close_quietly(batches)
         for _ in range(self.num_batches - count):
             yield empty_batch(size, self.canvas_size)
 
@@ -334,11 +411,15 @@ def to_global(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[
 def device_batches(
     batches: Iterable[Mapping[str, np.ndarray]], mesh: jax.sharding.Mesh, prefetch: int = 2
 ) -> Iterator[dict[str, jax.Array]]:
-    """Global batches with `prefetch` transfers in flight ahead of the consumer."""
+    """Global batches with `prefetch` transfers in flight ahead of the consumer; closing this
+    stream (or its failing) closes `batches`."""
     queue: collections.deque = collections.deque()
-    for batch in batches:
-        queue.append(to_global(batch, mesh))
-        if len(queue) > prefetch:
-            yield queue.popleft()
+    try:
+        for batch in batches:
+            queue.append(to_global(batch, mesh))
+            if len(queue) > prefetch:
+                yield queue.popleft()
+    finally:
+        close_quietly(batches)
     while queue:
         yield queue.popleft()

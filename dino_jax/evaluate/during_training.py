@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
+from dino_jax.data.sources import check_eval_classes
 from dino_jax.evaluate import baselines
 from dino_jax.evaluate.attention import save_demo_attention
 from dino_jax.evaluate.knn_eval import knn_evaluation
@@ -14,7 +15,10 @@ from dino_jax.state import TrainState
 
 
 class TrainingEvaluator:
-    """Called by the training loop with the state after an epoch; returns its metrics."""
+    """Called by the training loop with the state after an epoch; returns its metrics.
+
+    Made before training: k-NN splits that disagree on class names are refused (DataError)
+    then, not after the first epoch."""
 
     def __init__(
         self,
@@ -23,6 +27,7 @@ class TrainingEvaluator:
         mesh: jax.sharding.Mesh,
         workdir: str,
     ):
+        check_eval_classes(config.data)
         self.config, self.recipe, self.mesh, self.workdir = config, recipe, mesh, workdir
 
     def due(self, epoch: int) -> bool:

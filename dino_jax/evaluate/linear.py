@@ -89,6 +89,17 @@ def train_step(
     return state, {"loss": loss, "out_of_range": jnp.sum(labels >= num_classes)}
 
 
+def bank_class_count(data_config) -> int:
+    """Classes of the probe's training split where the source can tell without reading it (a
+    folder's class sub-folders: validation labels are bank indices and may lack the last
+    classes), else 0."""
+    if data_config.source != "folder":
+        return 0
+    from dino_jax.data.sources.folder import class_names, folder_root
+
+    return len(class_names(folder_root(data_config.data_dir, data_config.eval_train_split)))
+
+
 def linear_evaluation(
     config: ml_collections.ConfigDict,
     backbone: VisionTransformer,
@@ -124,7 +135,7 @@ def linear_evaluation(
         avgpool=avgpool,
         show_progress=True,
     )
-    num_classes = lin.num_classes or int(val_y.max()) + 1
+    num_classes = lin.num_classes or max(int(val_y.max()) + 1, bank_class_count(config.data))
     dim = val_x.shape[1]
 
     data_config = copy.deepcopy(config.data)

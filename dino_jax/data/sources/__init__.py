@@ -25,11 +25,34 @@ __all__ = [
     "IndexedSource",
     "RecordSource",
     "Source",
+    "bank_split",
+    "check_eval_classes",
     "import_tensorflow",
     "missing_packages",
     "open_source",
     "process_slice",
 ]
+
+
+def bank_split(data_config: Any, split: str) -> str | None:
+    """The k-NN bank split whose class names label `split`: eval_train_split when `split` is
+    the configured k-NN test split (an evaluation is configured), else None (own classes)."""
+    test = data_config.get("eval_test_split", "")  # configs of benchmarks name no eval splits
+    if test and split == test:
+        return data_config.get("eval_train_split", "")
+    return None
+
+
+def check_eval_classes(data_config: Any) -> None:
+    """DataError if the configured k-NN evaluation's bank and test splits disagree on class
+    names (a test class the bank lacks, or a split without classes). Only the folder source
+    can disagree: TFDS splits share their dataset's class list, demo splits Fashion-MNIST's."""
+    if data_config.source == "folder" and data_config.eval_test_split:
+        from dino_jax.data.sources.folder import check_eval_classes as check_folders
+
+        check_folders(
+            data_config.data_dir, data_config.eval_train_split, data_config.eval_test_split
+        )
 
 
 def open_source(
@@ -80,6 +103,8 @@ def open_source(
             process_index=process_index,
             process_count=process_count,
             skips=skips,
+            canvas_size=data_config.canvas_size,
+            bank_split=bank_split(data_config, split),
         )
     if kind == "tfds":
         from dino_jax.data.sources.tfds import tfds_source

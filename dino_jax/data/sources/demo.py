@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pathlib
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -33,24 +35,46 @@ IDX_FILES = {
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+# The largest IDX payload read (the full Fashion-MNIST training images are 47 MB): a header or a
+# gzip stream claiming more is refused before it is read.
+MAX_IDX_BYTES = 1 << 31
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """An IDX file (optionally gzipped): 2 zero bytes, a type code, the rank, big-endian dims."""
+    """An IDX file (optionally gzipped): 2 zero bytes, a type code, the rank, big-endian dims.
+
+    The header is read first; then exactly the payload it announces (and one byte more, to
+    find padding), so neither a large file nor a gzip bomb is read past what the header says.
+    """
     opener = gzip.open if os.fspath(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{path} is not an IDX file (bad magic number)")
-    rank = raw[3]
-    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=rank, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = 4 + 4 * rank + dtype.itemsize * int(np.prod(shape))
-    if len(raw) != expected:
-        raise DataError(f"{path} is truncated or padded: {len(raw)} bytes, expected {expected}")
-    return (
-        np.frombuffer(raw, dtype, offset=4 + 4 * rank)
-        .reshape(shape)
-        .astype(dtype.newbyteorder("="))
-    )
+    try:
+        with opener(path, "rb") as f:
+            magic = f.read(4)
+            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES:
+                raise DataError(f"{path} is not an IDX file (bad magic number)")
+            rank = magic[3]
+            dims = f.read(4 * rank)
+            if len(dims) < 4 * rank:
+                raise DataError(f"{path} is truncated: its header stops inside the dimensions")
+            shape = tuple(int(d) for d in np.frombuffer(dims, ">u4"))
+            dtype = np.dtype(_IDX_DTYPES[magic[2]])
+            size = dtype.itemsize * math.prod(shape)
+            if size > MAX_IDX_BYTES:
+                raise DataError(
+                    f"{path} announces {shape} values ({size:,} bytes), more than the demo"
+                    f" source reads ({MAX_IDX_BYTES:,}): it is not a Fashion-MNIST file"
+                )
+            payload = f.read(size + 1)
+    except (OSError, EOFError, zlib.error) as err:  # unreadable, or a broken gzip stream
+        raise DataError(f"{path} cannot be read: {err}") from None
+    expected = 4 + 4 * rank + size
+    if len(payload) != size:
+        found = "longer than" if len(payload) > size else "shorter than"
+        raise DataError(
+            f"{path} is {found} its header says ({expected} bytes"
+            f"{' uncompressed' if opener is gzip.open else ''}): not a complete IDX file"
+        )
+    return np.frombuffer(payload, dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def _find_idx(directory: str, stem: str) -> str:
