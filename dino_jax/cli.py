@@ -18,7 +18,16 @@ import ml_collections
 
 from dino_jax.config import ConfigError, closest_key, default_config, dotted, flatten_config
 
-USER_ERROR = 2  # exit status of a refused command line or config
+# Exit statuses of every command (train, evaluate, bench step); docs/reliability.md has the
+# same table. A user error is a message on stderr, never a traceback, found before the work
+# directory is touched.
+FINISHED = 0  # finished, reached train.max_steps, preempted after saving; --help
+UNEXPECTED = 1  # a bug: Python's traceback
+USER_ERROR = 2  # the command line, config, data, a checkpoint refused or damaged, an unusable
+# or locked work directory; the message says what to change
+NON_FINITE = 3  # a non-finite loss or update (the message names the last good checkpoint)
+STORAGE_FAILED = 4  # a save failed (disk full, I/O error); the message names the last good one
+PEER_DIED = 134  # multi-host: another process died (SIGABRT from JAX's coordination service)
 PREFIX = "--config."
 # Where the recipes live: installed beside the package as dino_jax.configs, and in a checkout
 # as the top-level configs/ folder (the same files, mapped by pyproject.toml).

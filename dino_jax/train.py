@@ -2,6 +2,11 @@
 
 Without arguments it trains the demo recipe into workdirs/demo, resuming if that directory
 already holds checkpoints. Recipes: configs/*.py, by name (`--config=vit_small16`) or path.
+
+Exit status: 0 finished, reached train.max_steps, or preempted after saving; 1 an unexpected
+error (a traceback); 2 a user error (command line, config, data, checkpoint, an unusable work
+directory or one another trainer holds), with a message; 3 a non-finite loss or update; 4 a
+save failed (disk full, I/O error); 134 multi-host: another process died.
 """
 
 from __future__ import annotations
@@ -55,10 +60,59 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def argument_errors(args: argparse.Namespace, workdir: str) -> list[str]:
+    """What is wrong with the options other than --config (the work directory included, read
+    without touching it)."""
+    from dino_jax.workdir import workdir_problem
+
+    errors = []
+    if args.workdir is not None and not args.workdir.strip():
+        errors.append("--workdir is empty: name the directory for checkpoints and logs")
+    elif problem := workdir_problem(workdir):
+        errors.append(problem)
+    distributed = args.coordinator_address or args.distributed
+    for flag in ("num_processes", "process_id"):
+        if getattr(args, flag) is not None and not distributed:
+            errors.append(
+                f"--{flag} is only read with --coordinator_address (or --distributed): add it"
+            )
+    if args.num_processes is not None and args.num_processes < 1:
+        errors.append(f"--num_processes={args.num_processes}: at least 1")
+    count = args.num_processes
+    if args.process_id is not None and not 0 <= args.process_id < (count or args.process_id + 1):
+        errors.append(f"--process_id={args.process_id}: use one in [0, --num_processes)")
+    for flag in ("heartbeat_timeout_seconds", "initialization_timeout"):
+        if getattr(args, flag) <= 0:
+            errors.append(f"--{flag}={getattr(args, flag)}: a positive number of seconds")
+    return errors
+
+
+def exit_status(err: BaseException) -> int | None:
+    """The documented exit status of an error that ends training; None for an unexpected one
+    (a bug, which keeps its traceback)."""
+    from dino_jax.checkpoint import CheckpointError, CheckpointSaveError
+    from dino_jax.config import ConfigError
+    from dino_jax.data.sources import DataError
+    from dino_jax.trainer import NonFiniteLossError
+    from dino_jax.workdir import WorkdirError
+
+    if isinstance(err, CheckpointSaveError):  # a CheckpointError: test it first
+        return cli.STORAGE_FAILED
+    if isinstance(err, NonFiniteLossError):
+        return cli.NON_FINITE
+    if isinstance(err, (ConfigError, CheckpointError, DataError, WorkdirError)):
+        return cli.USER_ERROR
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     cmd = cli.parse_command(build_parser, argv, default_recipe=DEFAULT_RECIPE)
     config = cmd.config
     args = cmd.args
+    workdir = args.workdir or os.path.join("workdirs", cmd.recipe)
+    errors = argument_errors(args, workdir)
+    if errors:
+        cli.fail(PROG, "invalid command line:\n  - " + "\n  - ".join(errors))
     cli.setup_logging(show_orbax_info=args.checkpoint_info_logs)
     import jax
 
@@ -70,21 +124,22 @@ def main(argv: list[str] | None = None) -> None:
             initialization_timeout=args.initialization_timeout,
             heartbeat_timeout_seconds=args.heartbeat_timeout_seconds,
         )
-    from dino_jax.checkpoint import CheckpointError
-    from dino_jax.config import ConfigError
-    from dino_jax.data.sources import DataError
-    from dino_jax.trainer import NonFiniteLossError, train
+    from dino_jax.trainer import train
 
-    workdir = args.workdir or os.path.join("workdirs", cmd.recipe)
     _LOG.info("config %s, workdir %s, devices %s", cmd.recipe, workdir, jax.devices())
     try:
         result = train(config, workdir)
-    except (ConfigError, CheckpointError, DataError) as err:
+    except Exception as err:
+        from dino_jax.checkpoint import storage_error
+
+        # a full disk met by another write of the run (the logs, the skip list) counts as the
+        # storage failing: status 4, one message naming the file and the last checkpoint
+        err = (storage_error(err, workdir) or err) if isinstance(err, OSError) else err
+        status = exit_status(err)
+        if status is None:
+            raise
         _LOG.error("%s", err)
-        sys.exit(cli.USER_ERROR)
-    except NonFiniteLossError as err:
-        _LOG.error("%s", err)
-        sys.exit(3)
+        sys.exit(status)
     _LOG.info("%s at step %d", result.status, int(result.state.step))
     if "knn/top1" in result.metrics and jax.process_index() == 0:
         print(knn_report(result.metrics, config))

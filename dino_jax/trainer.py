@@ -21,6 +21,7 @@ from dino_jax.checkpoint import (
     CheckpointError,
     check_resume_config,
     check_work_dir,
+    write_atomically,
 )
 from dino_jax.config import flatten_config
 from dino_jax.data import pipeline
@@ -30,7 +31,8 @@ from dino_jax.metrics_log import MetricLogger
 from dino_jax.preemption import Preemption
 from dino_jax.state import TrainState
 from dino_jax.train_step import DinoHParams, train_step
-from dino_jax.validation import validate
+from dino_jax.validation import DataSizes, check_sizes, validate
+from dino_jax.workdir import WorkdirLock, check_not_held, check_usable
 
 _LOG = logging.getLogger(__name__)
 
@@ -69,18 +71,23 @@ def build_run(
     start_step: int = 0,
     mesh: jax.sharding.Mesh | None = None,
     skips: SkipLog | None = None,
+    data: pipeline.TrainData | None = None,
 ) -> Run:
-    """The static parts of a run of `config`, which must have passed validation.validate."""
+    """The static parts of a run of `config`, which must have passed validation.validate;
+    `data`: its training stream if already opened (then start_step and skips are its own)."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.connect_processes(mesh)
-    skips = SkipLog() if skips is None else skips
-    data = pipeline.train_data(
-        config.data, config.optim.batch_size, start_step=start_step, skips=skips
-    )
+    if data is None:
+        data = pipeline.train_data(
+            config.data,
+            config.optim.batch_size,
+            start_step=start_step,
+            skips=SkipLog() if skips is None else skips,
+        )
     built = recipe.build(config, data.steps_per_epoch)
     abstract = built.abstract_state()
     shardings = parallel.state_shardings(abstract, mesh, config.train.fsdp)
-    return Run(config, mesh, data, built, abstract, shardings, skips)
+    return Run(config, mesh, data, built, abstract, shardings, data.skips)
 
 
 def initial_state(run: Run) -> TrainState:
@@ -95,7 +102,10 @@ def initial_state(run: Run) -> TrainState:
 def start_from_official(run: Run, state: TrainState) -> TrainState:
     from dino_jax.interop.official import load_official
 
-    ckpt = load_official(run.config.init_from)
+    config = run.config  # shapes checked before any tensor is read; AdamW state not read
+    ckpt = load_official(
+        config.init_from, config.model, img_size=config.aug.global_size, optimizer=False
+    )
     teacher = ckpt.teacher
     student = ckpt.student if ckpt.student is not None else teacher
     if "head" not in teacher:  # backbone-only weights: keep our freshly initialised head
@@ -180,6 +190,64 @@ def skip_log(workdir: str) -> SkipLog:
     return SkipLog(os.path.join(workdir, name))
 
 
+def split_size(config: ml_collections.ConfigDict, split: str, data: pipeline.TrainData) -> int:
+    """Examples of `split` (all processes): the training stream's count for its own split,
+    else the split opened (listed) for evaluation."""
+    if split == config.data.split:
+        return data.source.global_size
+    return pipeline.eval_data(config.data, split, config.eval.batch_size).source.global_size
+
+
+def data_sizes(config: ml_collections.ConfigDict, data: pipeline.TrainData) -> DataSizes:
+    """The sizes of every split the run of `config` reads (`data`: its training stream)."""
+    sizes = DataSizes(train=data.source.global_size, steps_per_epoch=data.steps_per_epoch)
+    if config.data.eval_test_split:
+        sizes = dataclasses.replace(
+            sizes,
+            bank=split_size(config, config.data.eval_train_split, data),
+            test=split_size(config, config.data.eval_test_split, data),
+        )
+    return sizes
+
+
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+    """Refuse (CheckpointError) an init_from file that cannot start the configured model,
+    reading the file's structure only: nothing is built or compiled."""
+    if not config.init_from:
+        return
+    from dino_jax.interop import official
+
+    try:
+        official.check_init_from(config.init_from, config.model, config.aug.global_size)
+    except official.OfficialCheckpointError as err:  # its message names the file
+        raise CheckpointError(str(err)) from None
+
+
+def preflight(config: ml_collections.ConfigDict, workdir: str, mesh) -> pipeline.TrainData:
+    """Every check of a training start that needs no work directory, cheapest first: the
+    config, the work directory's path (and whether another trainer holds it), the data
+    (listed, its sizes against the settings) and the init_from file. Returns the training
+    stream, opened at step 0 with an in-memory skip log (the run moves both: see _train)."""
+    validate(config, mesh.size, jax.process_count(), jax.default_backend())
+    check_usable(workdir)
+    check_not_held(workdir, jax.process_index())  # at once; the lock itself is taken later
+    # before anything slow (listing the data), while the processes are still in step
+    parallel.connect_processes(mesh)
+    data = pipeline.train_data(config.data, config.optim.batch_size, skips=SkipLog())
+    for warning in check_sizes(config, data_sizes(config, data)):
+        _LOG.warning("%s", warning)
+    check_init_from(config)
+    return data
+
+
+def resumable_stream(data: pipeline.TrainData, start: int, skips: SkipLog) -> pipeline.TrainData:
+    """`data` from step `start`, logging skipped inputs to `skips` (what its listing skipped
+    included)."""
+    for key, reason in data.skips.entries():
+        skips.add(key, reason)
+    return dataclasses.replace(data, start_step=start, skips=skips)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     """Train (or resume) the configured run in `workdir`; see README for the layout."""
     with Preemption() as preemption:
@@ -188,14 +256,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
 def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preemption) -> TrainResult:
     mesh = parallel.make_mesh()
-    # A bad config is refused before anything is written, read or compiled.
-    validate(config, mesh.size, jax.process_count())
-    os.makedirs(workdir, exist_ok=True)
+    # A user error is found before the work directory is created, read or locked.
+    data = preflight(config, workdir, mesh)
+    # Held until the run ends: a second trainer on this directory is refused (workdir.py).
+    with WorkdirLock(workdir, jax.process_index()):
+        return _train_locked(config, workdir, preemption, mesh, data)
+
+
+def _train_locked(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    preemption: Preemption,
+    mesh: jax.sharding.Mesh,
+    data: pipeline.TrainData,
+) -> TrainResult:
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     latest = ckpt.latest_step()
     check_work_dir(workdir, latest)
     start = latest or 0
-    run = build_run(config, start_step=start, mesh=mesh, skips=skip_log(workdir))
+    data = resumable_stream(data, start, skip_log(workdir))
+    run = build_run(config, mesh=mesh, data=data)
     flat = flatten_config(config)
     state = restore_or_init(run, ckpt, flat)
     if int(jax.device_get(state.step)) != start:
@@ -326,13 +406,16 @@ FINAL = "final_evaluation.json"  # written once the run has finished and been ev
 
 
 def write_final(workdir: str, step: int, metrics: dict[str, float]) -> None:
-    """Record that the run finished at `step` with these final metrics (process 0 writes)."""
+    """Record that the run finished at `step` with these final metrics (process 0 writes); a
+    storage failure raises CheckpointSaveError."""
     if jax.process_index() != 0:
         return
-    path = os.path.join(workdir, FINAL)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"step": step, "metrics": metrics}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_atomically(
+        os.path.join(workdir, FINAL),
+        json.dumps({"step": step, "metrics": metrics}, indent=1),
+        f"training finished and checkpoint {step} is complete: run the same command again to"
+        " evaluate it and write this file",
+    )
 
 
 def read_final(workdir: str, step: int) -> dict[str, float] | None:

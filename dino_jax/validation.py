@@ -4,22 +4,36 @@ with what to change."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
 import ml_collections
+import numpy as np
 
 from dino_jax.config import ConfigError, closest_key, default_config, dotted, leaves
 from dino_jax.models.vit import ARCHS
 
 DTYPES = ("float32", "bfloat16", "float16")
+# jax.random.key keeps the low 32 bits of a seed (2**32 gives the run of seed 0) and refuses
+# 2**63 and above; numpy and tf.data take any seed in this range.
+SEED_MAX = 2**32 - 1
+# The k-NN weights exp(similarity / T) of similarities up to 1 overflow float32 below this T,
+# and the accuracies come out wrong without any error.
+KNN_MIN_TEMPERATURE = 1.0 / math.log(float(np.finfo(np.float32).max))
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
-    """Raise ConfigError listing every invalid value of `c`, with what to do about it."""
+def validate(
+    c: ml_collections.ConfigDict,
+    num_devices: int,
+    num_processes: int = 1,
+    platform: str | None = None,
+) -> None:
+    """Raise ConfigError listing every invalid value of `c`, with what to do about it;
+    `platform`: the backend the run will use ("cpu", "gpu", "tpu"), when known."""
     errors = schema_errors(c)
     if not errors:  # the value checks assume every key is there with its declared type
-        errors += model_errors(c.model)
+        errors += model_errors(c.model, platform)
         errors += dino_errors(c.dino)
         errors += optim_errors(c.optim, c.dino, num_devices, num_processes)
         errors += aug_errors(c.aug, c.model.patch_size)
@@ -27,8 +41,19 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, num_processes: int 
         errors += train_errors(c.train)
         errors += eval_errors(c.eval, c.model.patch_size, num_devices)
         errors += linear_errors(c.linear)
+        errors += crossed_errors(c)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def seed_error(name: str, value) -> str | None:
+    """Why `value` cannot seed every generator the code feeds it to, or None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= SEED_MAX:
+        return None
+    return (
+        f"{name}={value!r}: a seed is an int in [0, 2**32 - 1 = {SEED_MAX}] (jax.random.key keeps"
+        " 32 bits: a larger seed repeats a smaller one or fails)"
+    )
 
 
 class _Errors(list):
@@ -43,12 +68,20 @@ class _Errors(list):
         )
 
 
-def model_errors(m: ml_collections.ConfigDict) -> list[str]:
+def model_errors(m: ml_collections.ConfigDict, platform: str | None = None) -> list[str]:
     e = _Errors()
     e.check(
         m.arch in ARCHS or m.arch == "custom",
         f"model.arch={m.arch!r}: use one of {sorted(ARCHS)} or 'custom'",
     )
+    if m.arch in ARCHS:
+        # a named architecture has its own sizes: these would be ignored without a word
+        for key in ("embed_dim", "depth", "num_heads"):
+            e.check(
+                m[key] is None or m[key] == ARCHS[m.arch][key],
+                f"model.{key}={m[key]!r} is only read with model.arch='custom' ({m.arch} has"
+                f" {key} {ARCHS[m.arch][key]}): set model.arch=custom, or leave model.{key} unset",
+            )
     if m.arch == "custom":
         for key in ("embed_dim", "depth", "num_heads"):
             value = m[key]
@@ -70,6 +103,16 @@ def model_errors(m: ml_collections.ConfigDict) -> list[str]:
         m.attention in ("auto", "xla", "cudnn"),
         f"model.attention={m.attention!r}: use auto, xla or cudnn",
     )
+    if m.attention == "cudnn":
+        e.check(
+            platform in (None, "gpu"),
+            f"model.attention='cudnn' needs an NVIDIA GPU (this run is on {platform}): use auto",
+        )
+        e.check(
+            m.compute_dtype in ("bfloat16", "float16"),
+            f"model.attention='cudnn' needs model.compute_dtype bfloat16 or float16, not"
+            f" {m.compute_dtype!r}: change one of them",
+        )
     return e
 
 
@@ -168,6 +211,11 @@ def aug_errors(a: ml_collections.ConfigDict, patch_size) -> list[str]:
         e.append(f"aug.mean and aug.std need 3 values, got {a.mean}, {a.std}")
     elif min(a.std) <= 0.0:
         e.append(f"aug.std must be positive, got {a.std}")
+    e.check(
+        a.n_local == 0 or a.local_size <= a.global_size,
+        f"aug.local_size={a.local_size} is larger than aug.global_size={a.global_size}: local"
+        " crops are the small views (official 96 against 224)",
+    )
     if isinstance(patch_size, int) and patch_size > 0:
         for key in ("global_size", "local_size"):
             value = a[key]
@@ -199,8 +247,15 @@ def data_errors(data: ml_collections.ConfigDict, seed: int, init_from: str) -> l
     if data.source == "synthetic":
         e.positive_int("data.synthetic_examples", data.synthetic_examples)
         e.positive_int("data.synthetic_classes", data.synthetic_classes)
-    e.check(data.seed >= 0 and seed >= 0, "seed and data.seed must be >= 0")
+    for name, value in (("seed", seed), ("data.seed", data.seed)):
+        error = seed_error(name, value)
+        if error:
+            e.append(error)
     e.check(data.prefetch >= 0, f"data.prefetch={data.prefetch}: must be >= 0")
+    e.check(
+        data.shuffle_buffer >= 0,
+        f"data.shuffle_buffer={data.shuffle_buffer}: must be >= 0 (0 or 1: no shuffle buffer)",
+    )
     e.check(
         not init_from or os.path.isfile(os.path.expanduser(init_from)),
         f"init_from={init_from!r} is not a file: give an official checkpoint.pth or leave it ''",
@@ -223,10 +278,14 @@ def eval_errors(v: ml_collections.ConfigDict, patch_size, num_devices: int) -> l
     e = _Errors()
     e.check(v.knn_every_epochs >= 0, "eval.knn_every_epochs must be >= 0 (0: end only)")
     e.check(
-        all(isinstance(k, int) and k > 0 for k in v.knn_ks),
-        f"eval.knn_ks={v.knn_ks}: positive ints",
+        len(v.knn_ks) > 0 and all(isinstance(k, int) and k > 0 for k in v.knn_ks),
+        f"eval.knn_ks={v.knn_ks}: one or more positive ints (official 10,20,100,200)",
     )
-    e.check(v.knn_temperature > 0, "eval.knn_temperature must be > 0")
+    e.check(
+        v.knn_temperature >= KNN_MIN_TEMPERATURE,
+        f"eval.knn_temperature={v.knn_temperature}: use at least {KNN_MIN_TEMPERATURE:.4f} (below,"
+        " the neighbour weights exp(similarity / T) overflow float32; official 0.07)",
+    )
     e.positive_int("eval.resize", v.resize)
     e.positive_int("eval.crop", v.crop)
     e.check(v.knn_max_train >= 0, "eval.knn_max_train must be >= 0 (0: the whole split)")
@@ -249,7 +308,8 @@ def eval_errors(v: ml_collections.ConfigDict, patch_size, num_devices: int) -> l
 
 def linear_errors(lin: ml_collections.ConfigDict, depth: int | None = None) -> list[str]:
     """The linear probe's settings; `depth`: the probed backbone's, when known."""
-    return [
+    seed = seed_error("linear.seed", lin.seed)
+    return ([seed] if seed else []) + [
         f"linear.{key}={lin[key]!r}: {need}"
         for key, ok, need in [
             ("epochs", lin.epochs >= 1, "at least 1"),
@@ -272,6 +332,144 @@ def linear_errors(lin: ml_collections.ConfigDict, depth: int | None = None) -> l
         ]
         if not ok
     ]
+
+
+def evaluates(c: ml_collections.ConfigDict) -> bool:
+    """Whether a training run of `c` evaluates (k-NN) at all."""
+    return bool(c.data.eval_test_split)
+
+
+def crossed_errors(c: ml_collections.ConfigDict) -> list[str]:
+    """Settings of different sections that contradict each other."""
+    e = _Errors()
+    if evaluates(c):
+        e.check(
+            bool(c.data.eval_train_split),
+            f"data.eval_train_split is empty but data.eval_test_split={c.data.eval_test_split!r}"
+            " is set: name the split of the k-NN bank (or empty both: no evaluation)",
+        )
+    return e
+
+
+def config_warnings(c: ml_collections.ConfigDict) -> list[str]:
+    """Legitimate settings that probably do not do what was meant."""
+    w = _Errors()
+    v = c.eval
+    canvas = c.data.canvas_size
+    # Images are shrunk to fit the canvas before cropping: a crop larger than the canvas is
+    # always upsampled. Right for images that small (the demo's 28 px, CIFAR), a loss else.
+    crops = [("aug.global_size", c.aug.global_size)]
+    if evaluates(c):
+        crops.append(("eval.crop", c.eval.crop))
+    for key, size in crops:
+        w.check(
+            canvas >= size,
+            f"data.canvas_size={canvas} is smaller than {key}={size}: images are shrunk to fit"
+            f" the canvas first, so every crop is upsampled from at most {canvas} px. Right for"
+            f" images that small; else use --config.data.canvas_size={size} or more",
+        )
+    if evaluates(c):
+        w.check(
+            v.knn_every_epochs == 0 or v.knn_every_epochs < c.optim.epochs,
+            f"eval.knn_every_epochs={v.knn_every_epochs} is not less than optim.epochs="
+            f"{c.optim.epochs}: k-NN runs once, at the end",
+        )
+    else:
+        for key in ("report_baselines", "attention_images"):
+            value = v[key]
+            w.check(
+                not value,
+                f"eval.{key}={value!r} does nothing: data.eval_test_split is empty, so the run"
+                " evaluates nothing",
+            )
+    return w
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSizes:
+    """Examples (all processes together) of each split a training run reads."""
+
+    train: int
+    steps_per_epoch: int
+    bank: int | None = None  # data.eval_train_split; None when the run does not evaluate
+    test: int | None = None  # data.eval_test_split
+
+
+def knn_size_errors(v: ml_collections.ConfigDict, data, bank: int, test: int) -> list[str]:
+    """eval.* against the sizes of the k-NN bank and test splits (`data`: config.data)."""
+    e = _Errors()
+    e.check(
+        test > 0,
+        f"data.eval_test_split={data.eval_test_split!r} has no examples: name a split to classify",
+    )
+    usable = min(bank, v.knn_max_train) if v.knn_max_train else bank
+    capped = f", eval.knn_max_train={v.knn_max_train}" if usable < bank else ""
+    too_large = sorted({k for k in v.knn_ks if k > usable})
+    fitting = sorted({k for k in v.knn_ks if k <= usable}) or [usable]
+    e.check(
+        not too_large,
+        f"eval.knn_ks={tuple(v.knn_ks)}: k = {', '.join(map(str, too_large))}"
+        f" {'exceeds' if len(too_large) == 1 else 'exceed'} the k-NN"
+        f" bank of {usable} images (data.eval_train_split={data.eval_train_split!r}{capped}): use"
+        f" --config.eval.knn_ks={','.join(map(str, fitting))}, or a larger bank",
+    )
+    return e
+
+
+def linear_size_errors(lin: ml_collections.ConfigDict, data, train: int, test: int) -> list[str]:
+    """linear.* against the sizes of the probe's training and validation splits."""
+    e = _Errors()
+    e.check(
+        test > 0,
+        f"data.eval_test_split={data.eval_test_split!r} has no examples: name a split to validate",
+    )
+    e.check(
+        lin.batch_size <= train,
+        f"linear.batch_size={lin.batch_size} is more than the {train} images of"
+        f" data.eval_train_split={data.eval_train_split!r}: lower it (a multiple of the devices)",
+    )
+    return e
+
+
+def size_errors(c: ml_collections.ConfigDict, sizes: DataSizes) -> list[str]:
+    """Settings that cannot work with the data's sizes."""
+    if sizes.bank is None or sizes.test is None:
+        return []
+    return knn_size_errors(c.eval, c.data, sizes.bank, sizes.test)
+
+
+def size_warnings(c: ml_collections.ConfigDict, sizes: DataSizes) -> list[str]:
+    """Settings that work with the data's sizes but probably not as meant."""
+    w = _Errors()
+    total = c.optim.epochs * sizes.steps_per_epoch
+    last = total if c.train.max_steps is None else min(total, c.train.max_steps)
+    t = c.train
+    w.check(
+        t.checkpoint_every_steps <= last,
+        f"train.checkpoint_every_steps={t.checkpoint_every_steps} is more than the {last} steps"
+        " this run trains: only its final checkpoint is written (a kill before it loses all)",
+    )
+    w.check(
+        t.log_every_steps <= last,
+        f"train.log_every_steps={t.log_every_steps} is more than the {last} steps this run"
+        " trains: no training metrics are logged",
+    )
+    if sizes.test is not None:
+        w.check(
+            c.eval.attention_images <= sizes.test,
+            f"eval.attention_images={c.eval.attention_images}: the test split has only"
+            f" {sizes.test} images, all of them are drawn",
+        )
+    return w
+
+
+def check_sizes(c: ml_collections.ConfigDict, sizes: DataSizes) -> list[str]:
+    """ConfigError listing the settings that cannot work with the data's sizes; else the
+    warnings (static ones included) for the caller to show."""
+    errors = size_errors(c, sizes)
+    if errors:
+        raise ConfigError("the configuration does not fit the data:\n  - " + "\n  - ".join(errors))
+    return config_warnings(c) + size_warnings(c, sizes)
 
 
 def _declared_type(reference: ml_collections.ConfigDict, name: str) -> type:

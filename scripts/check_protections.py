@@ -81,7 +81,7 @@ CASES = [
     Case(
         "the config is validated before any compute",
         "dino_jax/trainer.py",
-        "    validate(config, mesh.size, jax.process_count())\n",
+        "    validate(config, mesh.size, jax.process_count(), jax.default_backend())\n",
         "",
         ("tests/test_bad_config.py",),
     ),
@@ -95,8 +95,8 @@ CASES = [
     Case(
         "a resumed run continues the data stream where it stopped",
         "dino_jax/trainer.py",
-        "config.data, config.optim.batch_size, start_step=start_step, skips=skips",
-        "config.data, config.optim.batch_size, start_step=0, skips=skips",
+        "return dataclasses.replace(data, start_step=start, skips=skips)",
+        "return dataclasses.replace(data, start_step=0, skips=skips)",
         ("tests/test_faults_kill.py",),
     ),
     Case(
@@ -112,6 +112,333 @@ CASES = [
         "    parallel.connect_processes(mesh)\n",
         "",
         ("tests/test_multihost.py",),
+    ),
+    Case(
+        "a second trainer on one work directory is refused",
+        "dino_jax/trainer.py",
+        "    with WorkdirLock(workdir, jax.process_index()):",
+        "    if True:",
+        ("tests/test_workdir_lock.py", "-k", "second_trainer"),
+    ),
+    Case(
+        "a second trainer is refused at once, before it lists its data",
+        "dino_jax/workdir.py",
+        "            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)",
+        "            pass",
+        ("tests/test_workdir_lock.py", "-k", "second_trainer"),
+    ),
+    Case(
+        "a lock left by a killed trainer does not block (a lock, not a pid file)",
+        "dino_jax/workdir.py",
+        "            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "        except BlockingIOError:\n            f.seek(0)",
+        "            if os.path.getsize(self.path):\n                raise BlockingIOError\n"
+        "        except BlockingIOError:\n            f.seek(0)",
+        ("tests/test_workdir_lock.py", "-k", "killed"),
+    ),
+    Case(
+        "settings are checked against the data's sizes before the work directory is made",
+        "dino_jax/validation.py",
+        "    if sizes.bank is None or sizes.test is None:\n        return []",
+        "    if True:\n        return []",
+        ("tests/test_bad_config.py", "-k", "bank"),
+    ),
+    Case(
+        "seeds fit jax.random.key, numpy and tf.data",
+        "dino_jax/validation.py",
+        "    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= SEED_MAX:",
+        "    if True:",
+        ("tests/test_bad_config.py", "-k", "seed"),
+    ),
+    Case(
+        "local crops larger than the global crops are refused",
+        "dino_jax/validation.py",
+        "        a.n_local == 0 or a.local_size <= a.global_size,",
+        "        True,",
+        ("tests/test_bad_config.py", "-k", "local and crops and larger"),
+    ),
+    Case(
+        "an empty eval.knn_ks is refused",
+        "dino_jax/validation.py",
+        "        len(v.knn_ks) > 0 and all(",
+        "        all(",
+        ("tests/test_bad_config.py", "-k", "empty"),
+    ),
+    Case(
+        "a canvas smaller than the crops is warned about",
+        "dino_jax/validation.py",
+        "            canvas >= size,",
+        "            True,",
+        ("tests/test_bad_config.py", "-k", "warned"),
+    ),
+    Case(
+        "the init_from file is checked before the work directory is made",
+        "dino_jax/trainer.py",
+        "    check_init_from(config)\n    return data",
+        "    return data",
+        ("tests/test_exit_statuses.py", "-k", "init_from"),
+    ),
+    Case(
+        "training's user errors exit 2 with a message",
+        "dino_jax/train.py",
+        "    if isinstance(err, (ConfigError, CheckpointError, DataError, WorkdirError)):",
+        "    if False:",
+        ("tests/test_exit_statuses.py", "-k", "train_refuses"),
+    ),
+    Case(
+        "a failed save exits 4",
+        "dino_jax/train.py",
+        "    if isinstance(err, CheckpointSaveError):  # a CheckpointError: test it first",
+        "    if False:",
+        ("tests/test_exit_statuses.py", "-k", "documented_status"),
+    ),
+    Case(
+        "evaluation checks the splits' sizes before computing features",
+        "dino_jax/evaluate/cli.py",
+        '        errors = size_errors(config, args.command, getattr(args, "features_dir", None))',
+        "        errors = []",
+        ("tests/test_exit_statuses.py", "-k", "evaluate and (bank or linear)"),
+    ),
+    Case(
+        ".pth pickle memo indices follow the entries written (memo bomb)",
+        "dino_jax/interop/pth_read.py",
+        "            if index > len(memo):",
+        "            if False:",
+        ("tests/test_pth_bounds.py", "-k", "memo_bomb"),
+    ),
+    Case(
+        ".pth pickle record bounded before it is read (decompression bomb)",
+        "dino_jax/interop/pth_read.py",
+        "    if info.file_size > limit:",
+        "    if False:",
+        ("tests/test_pth_bounds.py", "-k", "inflating_past_the_bound"),
+    ),
+    Case(
+        ".pth pickle opcode count bounded",
+        "dino_jax/interop/pth_read.py",
+        "        if count > MAX_PICKLE_OPCODES:",
+        "        if False:",
+        ("tests/test_pth_bounds.py", "-k", "too_many_opcodes"),
+    ),
+    Case(
+        ".pth dict keys limited to kinds that cannot be made to collide",
+        "dino_jax/interop/pth_read.py",
+        '            _check_keys(items[1:2] if name == "SETITEM" else items[0::2], "dict key")',
+        "            pass",
+        ("tests/test_pth_bounds.py", "-k", "share_a_hash"),
+    ),
+    Case(
+        ".pth nesting bounded and cycles refused",
+        "dino_jax/interop/pth_read.py",
+        "    check_nesting(tree)\n",
+        "",
+        ("tests/test_pth_bounds.py", "-k", "deep_nesting"),
+    ),
+    Case(
+        ".pth tensor views bounded by the storages (stride 0)",
+        "dino_jax/interop/pth_read.py",
+        "        if self.view_elements > bound:",
+        "        if False:",
+        ("tests/test_pth_bounds.py", "-k", "stride_0"),
+    ),
+    Case(
+        ".pth storages bounded by the file's size (zip bomb)",
+        "dino_jax/interop/pth_read.py",
+        "        if self.storage_bytes > self.storage_budget:",
+        "        if False:",
+        ("tests/test_pth_bounds.py", "-k", "inflating_past_the_file"),
+    ),
+    Case(
+        ".pth non-regular files refused without waiting on them",
+        "dino_jax/interop/pth_read.py",
+        "    if not stat.S_ISREG(os.fstat(fd).st_mode):",
+        "    if False:",
+        ("tests/test_pth_bounds.py", "-k", "fifo"),
+    ),
+    Case(
+        "init_from checked against the configured model's shapes",
+        "dino_jax/interop/official.py",
+        "    lines += architecture.differences(architecture.state_shapes(arch), found)\n",
+        "",
+        ("tests/test_init_from.py", "-k", "refuses_with_the_file"),
+    ),
+    Case(
+        "init_from checked from the pickle alone (no storage read)",
+        "dino_jax/interop/pth_read.py",
+        "                storages = _Storages(archive, prefix, byteorder, ledger, wanted=())",
+        "                storages = _Storages(archive, prefix, byteorder, ledger, wanted=None)",
+        ("tests/test_init_from.py", "-k", "pickle_only"),
+    ),
+    Case(
+        "official weights that are views into larger storages refused",
+        "dino_jax/interop/official.py",
+        "    if reading > MAX_STORAGE_OVERHEAD * needed + STORAGE_OVERHEAD_SLACK:",
+        "    if False:",
+        ("tests/test_init_from.py", "-k", "views_into"),
+    ),
+    Case(
+        "a stream still open at exit is closed before Python finalizes (no hang at exit)",
+        "dino_jax/data/batches.py",
+        "@atexit.register\ndef close_open_streams",
+        "def close_open_streams",
+        ("tests/test_data_shutdown.py", "-k", "busy and interrupt"),  # hangs: fails after 60 s
+    ),
+    Case(
+        "a failing tf.data stream's traceback does not keep its iterator alive",
+        "dino_jax/data/pipeline.py",
+        "            _forget_frames(error)\n            raise",
+        "            raise",
+        ("tests/test_data_shutdown.py", "-k", "decoder"),  # hangs: fails after 60 s (3/3)
+    ),
+    Case(
+        "a refused or ended stream stops decoding at once",
+        "dino_jax/data/batches.py",
+        "            yield batch\n    finally:\n        close_quietly(batches)",
+        "            yield batch\n    finally:\n        pass",
+        ("tests/test_data_shutdown.py", "-k", "stops_the_decoding"),
+    ),
+    Case(
+        "skipped file names are escaped losslessly in skipped_files.tsv",
+        "dino_jax/data/decode.py",
+        'return f"{escape_field(key)}\\t{escape_field(reason)}\\n"',
+        'return f"{key}\\t{reason}\\n"',
+        ("tests/test_data_decode.py", "-k", "read_back_exactly or written_before"),
+    ),
+    Case(
+        "clutter folders and files are neither classes nor images",
+        "dino_jax/data/sources/folder.py",
+        'return name.startswith(".") or name.casefold() in JUNK_NAMES',
+        'return name.startswith(".")',
+        ("tests/test_data_folder.py", "-k", "clutter"),
+    ),
+    Case(
+        "the k-NN test split is labelled by the bank's class names",
+        "dino_jax/data/sources/folder.py",
+        "        all_labels = _labels_by_bank(listing, split, root, data_dir, bank_split)",
+        "        pass",
+        ("tests/test_data_folder.py", "-k", "bank_labels"),
+    ),
+    Case(
+        "k-NN splits that disagree on class names are refused before any work",
+        "dino_jax/data/sources/folder.py",
+        "    if missing:\n        hints = []",
+        "    if False:\n        hints = []",
+        ("tests/test_data_folder.py", "-k", "disagree or before_any_work"),
+    ),
+    Case(
+        "decoded pixels are bounded from the header (after JPEG draft)",
+        "dino_jax/data/decode.py",
+        "    check_pixels(image.size, (width, height), canvas_size)",
+        "    pass",
+        ("tests/test_data_decode.py", "-k", "many_pixels or reduced_jpeg"),
+    ),
+    Case(
+        "files over the byte limit are refused unread",
+        "dino_jax/data/decode.py",
+        "            if info.st_size > max_bytes:",
+        "            if False:",
+        ("tests/test_data_decode.py", "-k", "unread"),
+    ),
+    Case(
+        "a file swapped for a FIFO or device after the listing is refused without blocking",
+        "dino_jax/data/decode.py",
+        "            if not stat.S_ISREG(info.st_mode):",
+        "            if False:",
+        ("tests/test_data_decode.py", "-k", "swapped"),
+    ),
+    Case(
+        "IDX files are read no further than their header says",
+        "dino_jax/data/sources/demo.py",
+        "            payload = f.read(size + 1)",
+        "            payload = f.read()",
+        ("tests/test_data_decode.py", "-k", "idx"),
+    ),
+    Case(
+        "every restored array is checked against the digest saved with it",
+        "dino_jax/checkpoint.py",
+        "        if expected is not None:\n"
+        "            self._verify(step, restored.state, expected, abstract_state)\n",
+        "",
+        ("tests/test_faults_checkpoints.py", "-k", "flipped"),
+    ),  # caught by test_flipped_array_data_is_refused_naming_the_array[1 bit], 21-29 s
+    Case(
+        "a checkpoint of the digest format without its digest record is damaged",
+        "dino_jax/checkpoint.py",
+        "    if record is None:\n"
+        '        raise ValueError("its record of array digests is missing")',
+        "    if record is None:\n        return None",
+        ("tests/test_faults_checkpoints.py", "-k", "array and digests and deleted"),
+    ),  # caught by ...named_with_the_way_back[array digests deleted], 15-21 s
+    Case(
+        "a checkpoint the history records as saved with digests cannot pass for an older one",
+        "dino_jax/checkpoint.py",
+        "        if expected is None and self._saved_with_digests(step):",
+        "        if False:",
+        ("tests/test_faults_checkpoints.py", "-k", "format and deleted"),
+    ),  # caught by ...named_with_the_way_back[digests and format deleted], 19-27 s
+    Case(
+        "a failed asynchronous save is reported as that save, not the next",
+        "dino_jax/checkpoint.py",
+        "        step = int(jax.device_get(state.step))\n        self._settle()\n",
+        "        step = int(jax.device_get(state.step))\n",
+        ("tests/test_faults_disk.py", "-k", "background"),
+    ),  # caught by test_a_failed_background_save_is_reported_as_that_save, 14-16 s
+    Case(
+        "a storage failure while saving is one message naming the save and the last checkpoint",
+        "dino_jax/checkpoint.py",
+        "            failure = self._save_failed(step, err)\n",
+        "            failure = None\n",
+        ("tests/test_faults_disk.py", "-k", "kernel"),
+    ),  # caught by test_train_py_exits_4_when_the_kernel_refuses_a_checkpoint_write, 15-17 s
+    Case(
+        "what a failed save wrote is removed",
+        "dino_jax/checkpoint.py",
+        "            self._remove_written(step, patience=10.0)\n",
+        "            pass\n",
+        ("tests/test_faults_disk.py", "-k", "background"),
+    ),  # caught by test_a_failed_background_save_is_reported_as_that_save, 16 s
+    Case(
+        "Orbax's writers still waiting for a failed save are released",
+        "dino_jax/checkpoint.py",
+        "                thread.cancel()\n",
+        "                raise RuntimeError\n",
+        ("tests/test_faults_disk.py", "-k", "last_save"),
+    ),  # caught by test_a_failed_last_save_keeps_the_previous_checkpoint, 44-46 s (30 s join)
+    Case(
+        "Orbax's and asyncio's reports of the failed writes are kept off the output",
+        "dino_jax/checkpoint.py",
+        "            logger.addFilter(drop)\n",
+        "            pass\n",
+        ("tests/test_faults_disk.py", "-k", "kernel"),
+    ),  # caught by test_train_py_exits_4_when_the_kernel_refuses_a_checkpoint_write, 13-16 s
+    Case(
+        "a line cut short in the history does not swallow the next record",
+        "dino_jax/checkpoint.py",
+        '            lead = b"" if f.read(1) == b"\\n" else b"\\n"',
+        '            lead = b""',
+        ("tests/test_checkpoint_digests.py", "-k", "cut_short"),
+    ),  # caught by test_an_append_after_a_cut_short_line_keeps_both_records_readable, 3-4 s
+    Case(
+        "a full disk at the history append is one message",
+        "dino_jax/checkpoint.py",
+        "            append_line(self.history, json.dumps(entry))\n        except OSError as err:",
+        "            append_line(self.history, json.dumps(entry))\n"
+        "        except ValueError as err:",
+        ("tests/test_faults_disk.py", "-k", "history"),
+    ),  # caught by test_a_full_disk_at_the_history_append_is_one_message, 4 s
+    Case(
+        "a full disk at the final evaluation's write is one message",
+        "dino_jax/checkpoint.py",
+        "    except OSError as err:\n        _remove_quietly(temporary)",
+        "    except ValueError as err:\n        _remove_quietly(temporary)",
+        ("tests/test_faults_disk.py", "-k", "final_evaluation"),
+    ),  # caught by test_a_full_disk_at_the_final_evaluation_is_one_message, 4-5 s
+    Case(
+        "a full disk met by a log write exits 4 with one message",
+        "dino_jax/train.py",
+        "        err = (storage_error(err, workdir) or err) if isinstance(err, OSError) else err\n",
+        "",
+        ("tests/test_exit_statuses.py", "-k", "full_disk"),
     ),
 ]
 

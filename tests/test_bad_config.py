@@ -1,5 +1,7 @@
 """Invalid settings are refused by validation, before anything is written or compiled, with a
-message that says what to change; the command line refuses keys that do not exist."""
+message that says what to change; settings that depend on the data's sizes are checked once
+the data is listed, still before the work directory is made; the command line refuses keys
+that do not exist."""
 
 import logging
 
@@ -8,9 +10,12 @@ import ml_collections
 import pytest
 from helpers.fault_config import train_py
 from helpers.tiny import tiny_config
+from PIL import Image
 
+from dino_jax import parallel
 from dino_jax.config import ConfigError, dotted
-from dino_jax.trainer import train
+from dino_jax.data.sources import DataError
+from dino_jax.trainer import preflight, train
 
 NEVER_THERE = "/nonexistent/dino_jax"
 
@@ -122,7 +127,37 @@ CASES = {
         set_values(**{"init_from": NEVER_THERE + ".pth"}),
         "is not a file: give an official checkpoint.pth",
     ),
-    "negative data seed": (set_values(**{"data.seed": -1}), "data.seed must be >= 0"),
+    "negative data seed": (set_values(**{"data.seed": -1}), "data.seed=-1: a seed is an int in"),
+    "seed 2**64": (set_values(**{"seed": 2**64}), "seed=18446744073709551616: a seed is an int"),
+    "seed 2**32 (jax would run seed 0)": (set_values(**{"seed": 2**32}), "keeps 32 bits"),
+    "data seed 2**64": (set_values(**{"data.seed": 2**64}), "data.seed=18446744073709551616"),
+    "linear probe seed 2**63": (set_values(**{"linear.seed": 2**63}), "linear.seed=922337"),
+    "empty k-NN ks": (set_values(**{"eval.knn_ks": ()}), "eval.knn_ks=(): one or more"),
+    "k-NN temperature that overflows": (
+        set_values(**{"eval.knn_temperature": 0.005}),
+        "overflow float32",
+    ),
+    "local crops larger than global crops": (
+        set_values(**{"aug.local_size": 20}),
+        "aug.local_size=20 is larger than aug.global_size=16",
+    ),
+    "test split without a bank split": (
+        set_values(**{"data.eval_test_split": "test"}),
+        "data.eval_train_split is empty but data.eval_test_split='test' is set",
+    ),
+    "cudnn attention on CPU": (
+        set_values(**{"model.attention": "cudnn", "model.compute_dtype": "bfloat16"}),
+        "model.attention='cudnn' needs an NVIDIA GPU (this run is on cpu)",
+    ),
+    "cudnn attention in float32": (
+        set_values(**{"model.attention": "cudnn"}),
+        "needs model.compute_dtype bfloat16 or float16",
+    ),
+    "depth with a named architecture": (
+        set_values(**{"model.arch": "vit_small", "model.embed_dim": None, "model.num_heads": None}),
+        "model.depth=1 is only read with model.arch='custom' (vit_small has depth 12)",
+    ),
+    "negative shuffle buffer": (set_values(**{"data.shuffle_buffer": -1}), "data.shuffle_buffer"),
     "negative prefetch": (set_values(**{"data.prefetch": -1}), "data.prefetch=-1: must be >= 0"),
     "string for a float in a config file": (
         replace_optim_with_a_string_lr,
@@ -136,19 +171,108 @@ CASES = {
 }
 
 
+def refused_before_any_compute(config, workdir, caplog, errors=ConfigError):
+    """train(config) raises one of `errors` (returned) without creating `workdir` or
+    compiling anything."""
+    caplog.set_level(logging.WARNING)
+    with jax.log_compiles(), pytest.raises(errors) as err:
+        train(config, str(workdir))
+    assert not workdir.exists()
+    assert not [r for r in caplog.records if r.getMessage().startswith("Compiling")]
+    return err.value
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_invalid_setting_is_refused_before_any_compute(name, tmp_path, tally, caplog):
+    if "on CPU" in name and jax.default_backend() != "cpu":
+        pytest.skip("a CPU-only setting")
     change, message = CASES[name]
-    config = tiny_config()
+    config = tiny_config(**{"train.max_steps": 1})  # without the check, fails in one step
     change(config)
-    workdir = tmp_path / "run"
     with tally.bad_input():
-        caplog.set_level(logging.WARNING)
-        with jax.log_compiles(), pytest.raises(ConfigError) as err:
-            train(config, str(workdir))
-        assert message in str(err.value)
-        assert not workdir.exists()
-        assert not [r for r in caplog.records if r.getMessage().startswith("Compiling")]
+        assert message in str(refused_before_any_compute(config, tmp_path / "run", caplog))
+
+
+def with_evaluation(**values):
+    """k-NN evaluation on the demo test split (2,000 images) as bank and queries."""
+    split = {"data.eval_train_split": "test", "data.eval_test_split": "test"}
+    return set_values(**{**split, **values})
+
+
+SIZE_CASES = {
+    # name: (change, part of the message); each needs the data listed to be found
+    "k above a capped bank": (
+        with_evaluation(**{"eval.knn_max_train": 100}),
+        "eval.knn_ks=(10, 20, 100, 200): k = 200 exceeds the k-NN bank of 100 images"
+        " (data.eval_train_split='test', eval.knn_max_train=100): use"
+        " --config.eval.knn_ks=10,20,100",
+    ),
+    "default k = 200 with a bank of 150 images": (
+        with_evaluation(**{"data.source": "synthetic", "data.synthetic_examples": 150}),
+        "k = 200 exceeds the k-NN bank of 150 images",
+    ),
+    "every k above the bank": (
+        with_evaluation(**{"eval.knn_max_train": 5, "eval.knn_ks": (10, 20)}),
+        "k = 10, 20 exceed the k-NN bank of 5 images (data.eval_train_split='test',"
+        " eval.knn_max_train=5): use --config.eval.knn_ks=5",
+    ),
+    "a dataset smaller than one batch": (
+        set_values(**{"data.source": "synthetic", "data.synthetic_examples": 8}),
+        "has 8 examples, fewer than one global batch of 16",
+    ),
+    "a data split that is not there": (
+        with_evaluation(**{"data.eval_test_split": "validation"}),
+        "validation",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SIZE_CASES))
+def test_setting_that_does_not_fit_the_data_is_refused_before_the_work_directory(
+    name, tmp_path, tally, caplog
+):
+    change, message = SIZE_CASES[name]
+    config = tiny_config(**{"train.max_steps": 1})
+    change(config)
+    with tally.bad_input():
+        err = refused_before_any_compute(config, tmp_path / "run", caplog, (ConfigError, DataError))
+        assert message in str(err)
+
+
+def test_k_nn_on_a_folder_without_labels_is_refused_before_the_work_directory(
+    tmp_path, tally, caplog
+):
+    images = tmp_path / "images" / "train"
+    images.mkdir(parents=True)
+    for i in range(16):
+        Image.new("RGB", (20, 20), (i, 0, 0)).save(images / f"{i}.png")
+    # bank, queries and training all read one flat folder: no split is opened twice
+    folder = {
+        "data.source": "folder",
+        "data.data_dir": str(tmp_path / "images"),
+        "data.split": "train",
+    }
+    config = tiny_config(**folder, **{"train.max_steps": 1, "eval.knn_ks": (5,)})
+    with_evaluation(**{"data.eval_train_split": "train", "data.eval_test_split": "train"})(config)
+    with tally.bad_input():
+        err = refused_before_any_compute(config, tmp_path / "run", caplog, DataError)
+        assert "k-NN evaluation needs labelled images" in str(err)
+
+
+def test_legitimate_but_suspicious_settings_are_warned_about(tmp_path, caplog):
+    config = tiny_config(**{"train.max_steps": 2, "train.checkpoint_every_steps": 1000})
+    with_evaluation(**{"eval.knn_every_epochs": 2, "eval.attention_images": 5000})(config)
+    config.data.canvas_size, config.eval.resize, config.eval.crop = 12, 24, 24
+    caplog.set_level(logging.WARNING)
+    preflight(config, str(tmp_path / "run"), parallel.make_mesh())
+    warned = caplog.text
+    assert "train.checkpoint_every_steps=1000 is more than the 2 steps this run trains" in warned
+    assert "eval.knn_every_epochs=2 is not less than optim.epochs=2" in warned
+    assert "eval.attention_images=5000: the test split has only 2000 images" in warned
+    # a canvas smaller than the crops: right for images that small only
+    assert "data.canvas_size=12 is smaller than aug.global_size=16" in warned
+    assert "data.canvas_size=12 is smaller than eval.crop=24" in warned
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from dino_jax.evaluate.cli import evaluate
 from dino_jax.evaluate.features import feature_fn
 from dino_jax.evaluate.knn_eval import knn_evaluation
 from dino_jax.evaluate.weights import WeightsError, config_from_flat, load_weights
+from dino_jax.workdir import WorkdirLock
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BACKBONE = ROOT / "tests" / "fixtures" / "backbone.pth"
@@ -123,7 +124,8 @@ def test_knn_command_on_a_trained_work_directory(workdir, tmp_path, capsys):
     (saved,) = features.iterdir()
     assert saved.name == "test.npz"
     stamp = saved.stat().st_mtime_ns
-    again = evaluate(args)  # reads the saved features
+    with WorkdirLock(str(workdir)):  # a trainer holds it: evaluation only reads, so it runs
+        again = evaluate(args)  # reads the saved features
     assert saved.stat().st_mtime_ns == stamp
     assert again["metrics"] == {**first["metrics"], "knn/seconds": again["metrics"]["knn/seconds"]}
     refused(capsys, [*args, "--which", "student"], "another model")

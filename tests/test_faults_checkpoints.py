@@ -1,19 +1,25 @@
 """Work directories a resume must not trust: a changed config, another model's checkpoints,
-damaged or missing checkpoints, planted pickles. Each gives a clear error, never a fresh start."""
+damaged or missing checkpoints (flipped bits in the array data included), planted pickles. Each
+gives a clear error, never a fresh start."""
 
 import json
+import logging
 import os
 import pickle
 import shutil
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+import tensorstore as ts
 from helpers.fault_helpers import finalised_steps, history, restore
 from helpers.states import assert_states_equal
 from helpers.tiny import tiny_config
 
-from dino_jax.checkpoint import CheckpointError
+from dino_jax.checkpoint import DIGESTS_KEY, FORMAT_KEY, HISTORY, Checkpointer, CheckpointError
 from dino_jax.config import flatten_config
-from dino_jax.trainer import train
+from dino_jax.trainer import build_run, train
 
 # A failed restore leaves Orbax's aborted asynchronous reads to the garbage collector, which
 # reports them as unraisable exceptions: expected here, and not errors of the code under test.
@@ -88,6 +94,22 @@ def truncate_arrays(step_dir):
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def edit_meta(step_dir, change) -> None:
+    """Rewrite the metadata record of a checkpoint (config, digests) through `change`."""
+    path = step_dir / "meta" / "metadata"
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+def set_digest(name: str, value: str):
+    return lambda record: record[DIGESTS_KEY]["arrays"].__setitem__(name, value)
+
+
+def drop(*keys):
+    return lambda record: [record.pop(k) for k in keys]
+
+
 DAMAGE = {
     "truncated arrays": truncate_arrays,
     "array files deleted": lambda d: shutil.rmtree(d / "state" / "d"),
@@ -97,6 +119,15 @@ DAMAGE = {
     "config record edited": lambda d: (d / "meta" / "metadata").write_text("{not json"),
     "config record emptied": lambda d: (d / "meta" / "metadata").write_text("{}"),
     "step directory emptied": lambda d: [shutil.rmtree(d), d.mkdir()],
+    "array digests deleted": lambda d: edit_meta(d, drop(DIGESTS_KEY)),
+    "an array digest changed": lambda d: edit_meta(d, set_digest("center", "0" * 16)),
+    "digests and format deleted": lambda d: edit_meta(d, drop(DIGESTS_KEY, FORMAT_KEY)),
+}
+# What the message says of the damage, beyond its step and the way back.
+NAMED = {
+    "array digests deleted": "its record of array digests is missing\n",  # the format says
+    "an array digest changed": "center: its digest differs",
+    "digests and format deleted": f"though {HISTORY} records it as saved with one",
 }
 
 
@@ -109,11 +140,134 @@ def test_damaged_latest_checkpoint_is_named_with_the_way_back(workdir, trained, 
         assert f"checkpoint 6 at {workdir / 'checkpoints' / '6'} is damaged" in message
         assert f"mv {workdir / 'checkpoints' / '6'} {aside}" in message
         assert "resume from the previous checkpoint, step 3" in message
+        assert NAMED.get(damage, "") in message
         if damage == "truncated arrays":  # following the advice retrains steps 3..6 exactly
             os.rename(workdir / "checkpoints" / "6", aside)
             result = train(tiny_config(**{"train.max_steps": 6}), str(workdir))
             assert int(result.state.step) == 6
             assert_states_equal(result.state, trained[1])
+
+
+def test_a_checkpoint_from_before_digests_resumes_unverified_with_a_warning(
+    workdir, trained, caplog
+):
+    # No format mark, no digests, and a history that predates them too: an older version's.
+    edit_meta(workdir / "checkpoints" / "6", drop(DIGESTS_KEY, FORMAT_KEY))
+    entries = [json.loads(x) for x in (workdir / HISTORY).read_text().splitlines()]
+    old = [{k: v for k, v in e.items() if k != "digests"} for e in entries]
+    (workdir / HISTORY).write_text("".join(json.dumps(e) + "\n" for e in old))
+    with caplog.at_level(logging.WARNING, logger="dino_jax.checkpoint"):
+        result = train(tiny_config(**{"train.max_steps": 6}), str(workdir))
+    assert "checkpoint 6 was written before checkpoints recorded array digests" in caplog.text
+    assert_states_equal(result.state, trained[1])
+
+
+# A 4096-wide head: its arrays exceed the 1 KiB that Orbax keeps inside the (checksummed) tree
+# nodes, so they are stored in the data files of state/ocdbt.process_0/d/, which carry no
+# checksum. The tiny head's arrays all fit inside the tree nodes.
+WIDE = {"model.out_dim": 4096}
+
+
+@pytest.fixture(scope="module")
+def trained_wide(tmp_path_factory):
+    """A work directory of the wide model trained for 6 steps (checkpoints 3 and 6), its state."""
+    workdir = tmp_path_factory.mktemp("wide") / "run"
+    result = train(tiny_config(**{"train.max_steps": 6, **WIDE}), str(workdir))
+    return workdir, result.state
+
+
+def stored_values(step_dir) -> list[tuple[bytes, object, int, int]]:
+    """(key, data file, offset, length) of every value that the checkpoint's OCDBT tree keeps
+    outside its nodes, i.e. in data files: the stored chunks of the larger arrays."""
+    base = ts.KvStore.open(f"file://{step_dir / 'state'}/").result()
+    root = ts.ocdbt.dump(base).result()["versions"][-1]["root"]["location"]
+    node = ts.ocdbt.dump(base, node=root).result()
+    assert node["height"] == 0, "a tree of one node was expected"
+    out = []
+    for entry in node["entries"]:
+        if "indirect_value" in entry:
+            where, offset, length = entry["indirect_value"].removeprefix("value:").rsplit(":", 2)
+            path = step_dir / "state" / where.replace(":", "")
+            out.append((entry["key"], path, int(offset), int(length)))
+    return out
+
+
+def flip_at(path, position: int, flip: str) -> bytes:
+    """Flip bits at `position` of file `path` (FLIPS); the original content."""
+    original = path.read_bytes()
+    data = bytearray(original)
+    data[position : position + 8] = FLIPS[flip](bytes(data[position : position + 8]))
+    path.write_bytes(bytes(data))
+    return original
+
+
+def unverified(workdir, step: int, **overrides):
+    """Checkpoint `step` as Orbax alone reads it back (no digests compared), on the host."""
+    run = build_run(tiny_config(**overrides))
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        run.abstract_state,
+        run.state_sharding,
+    )
+    ckpt = Checkpointer(str(workdir), keep=3)
+    try:
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        return jax.device_get(ckpt.manager.restore(step, args=args).state)
+    finally:
+        ckpt.close()
+
+
+FLIPS = {
+    "1 bit": lambda b: bytes([b[0] ^ 0x10]) + b[1:],
+    "8 bytes": lambda b: bytes(x ^ 0xA5 for x in b),
+}
+
+
+@pytest.mark.parametrize("flip", list(FLIPS))
+def test_flipped_array_data_is_refused_naming_the_array(trained_wide, tmp_path, tally, flip):
+    with tally.fault():
+        workdir = tmp_path / "run"
+        shutil.copytree(trained_wide[0], workdir)
+        step = workdir / "checkpoints" / "6"
+        name = "student.head.last_layer.weight_v"
+        chunks = [v for v in stored_values(step) if v[0].startswith(f"{name}/".encode())]
+        _, path, offset, length = chunks[0]
+        flip_at(path, offset + length // 2, flip)
+        # Orbax alone reads the damaged array back without a complaint: only digests see it.
+        read = unverified(workdir, 6, **WIDE).student["head"]["last_layer"]["weight_v"]
+        assert not np.array_equal(read, trained_wide[1].student["head"]["last_layer"]["weight_v"])
+        message = refused(workdir, **WIDE)
+        aside = workdir / "damaged-checkpoint-6"
+        assert f"checkpoint 6 at {step} is damaged" in message
+        assert "1 of its arrays read back differs from what was saved" in message
+        assert f"{name}: its digest differs" in message
+        assert f"mv {step} {aside}" in message
+        assert "resume from the previous checkpoint, step 3" in message
+        os.rename(step, aside)  # the advice: steps 3..6 are trained again, exactly
+        result = train(tiny_config(**{"train.max_steps": 6, **WIDE}), str(workdir))
+        assert_states_equal(result.state, trained_wide[1])
+
+
+def test_a_flip_in_any_data_file_is_refused_or_not_read(trained_wide, tmp_path, tally):
+    # A flip inside a stored value is refused; the other bytes of ocdbt.process_0/ (tree
+    # nodes of the per-process database, which the merged tree of state/ does not read) can
+    # change without changing what is restored.
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_wide[0], workdir)
+    step = workdir / "checkpoints" / "6"
+    values = {path: offset + length // 2 for _, path, offset, length in stored_values(step)}
+    assert len(values) >= 2  # the student's and the teacher's last layers at least
+    with tally.fault():
+        for path in sorted((step / "state" / "ocdbt.process_0" / "d").iterdir()):
+            original = flip_at(path, values.get(path, path.stat().st_size // 2), "8 bytes")
+            if path in values:
+                message = refused(workdir, **WIDE)
+                assert f"checkpoint 6 at {step} is damaged" in message, path.name
+                assert "resume from the previous checkpoint, step 3" in message
+            else:  # resumed at step 6, nothing trained: exactly what was saved
+                result = train(tiny_config(**{"train.max_steps": 6, **WIDE}), str(workdir))
+                assert_states_equal(result.state, trained_wide[1])
+            path.write_bytes(original)
 
 
 def test_missing_checkpoints_refuse_a_fresh_start_over_logged_work(workdir, tally):

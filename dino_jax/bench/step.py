@@ -5,6 +5,9 @@ dino-jax-bench step [--config=vit_small16] [--batch 128] [--steps 20] [--config.
 Synthetic canvases already on the device (no host pipeline), the real step otherwise:
 on-device multi-crop augmentation, teacher and student forward, backward, optimiser, EMA.
 MFU is the achieved FLOP rate over the rate of a large matmul measured in the same run.
+
+Exit status: 0 done, or --help; 1 an unexpected error (a traceback); 2 a user error (command
+line, config, an unusable init_from file), with a message, found before anything is compiled.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def xla_flops(compiled) -> float | None:
 
 def run(config, steps: int, warmup: int) -> dict:
     from dino_jax.data.pipeline import to_global
-    from dino_jax.trainer import build_run, compile_step, initial_state
+    from dino_jax.trainer import build_run, check_init_from, compile_step, initial_state
 
     # The trainer's own state and compiled step, fed from the in-memory synthetic source
     # (1,000 steps per epoch for the schedules).
@@ -92,7 +95,8 @@ def run(config, steps: int, warmup: int) -> dict:
     config.data.synthetic_classes = max(config.data.synthetic_classes, 1)
     from dino_jax.validation import validate
 
-    validate(config, jax.device_count(), jax.process_count())
+    validate(config, jax.device_count(), jax.process_count(), jax.default_backend())
+    check_init_from(config)
     train_run = build_run(config)
     state, step = initial_state(train_run), compile_step(train_run)
     batch = to_global(next(iter(train_run.data)), train_run.mesh)
@@ -150,16 +154,33 @@ def build_parser():
     return parser
 
 
+def argument_errors(args) -> list[str]:
+    """What is wrong with the options other than --config."""
+    errors = []
+    if args.batch is not None and args.batch < 1:
+        errors.append(f"--batch {args.batch}: at least 1 image")
+    if args.steps < 1:
+        errors.append(f"--steps {args.steps}: at least 1 timed step")
+    if args.warmup < 0:
+        errors.append(f"--warmup {args.warmup}: 0 or more steps")
+    return errors
+
+
 def main(argv: list[str] | None = None) -> dict:
     cmd = cli.parse_command(build_parser, argv, default_recipe="vit_small16")
     config = cmd.config
-    if cmd.args.batch:
+    errors = argument_errors(cmd.args)
+    if errors:
+        cli.fail(cmd.prog, "invalid command line:\n  - " + "\n  - ".join(errors))
+    if cmd.args.batch is not None:
         config.optim.batch_size = cmd.args.batch
+    from dino_jax.checkpoint import CheckpointError
     from dino_jax.config import ConfigError
+    from dino_jax.data.sources import DataError
 
     try:
         result = run(config, cmd.args.steps, cmd.args.warmup)
-    except ConfigError as err:
+    except (ConfigError, CheckpointError, DataError) as err:
         cli.fail(cmd.prog, str(err))
     width = max(map(len, result))
     for key, value in result.items():

@@ -2,7 +2,12 @@
 
 W is a dino_jax work directory (its latest checkpoint) or an official `.pth`. The config is the
 work directory's saved one (or `--config=NAME|FILE`, or the defaults for a .pth), with keys set
-as in training: `--config.data.source=folder`, `--config.linear.epochs=10`.
+as in training: `--config.data.source=folder`, `--config.linear.epochs=10`. A work directory
+is only read: it may be evaluated while it trains.
+
+Exit status: 0 done, or --help; 1 an unexpected error (a traceback); 2 a user error (command
+line, config, weights, data, an unusable --out or --features_dir), with a message, found before
+any feature is computed.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -174,6 +180,73 @@ def run_attention(args, backbone, variables, info) -> dict[str, Any]:
     return {**info.describe(), "image": args.image, "written": written}
 
 
+def argument_errors(args) -> list[str]:
+    """What is wrong with the options, found before the weights are read: the output
+    folders must be (or be creatable as) writable directories, the image an image."""
+    from dino_jax.workdir import unusable_reason
+
+    errors = []
+    for flag in ("out", "features_dir"):
+        path = getattr(args, flag, None)
+        if path is not None and not path.strip():
+            errors.append(f"--{flag} is empty: name a directory")
+        elif path is not None:
+            errors.append(unusable_reason(path, f"--{flag}"))
+    if args.command == "attention":
+        errors.append(image_error(args.image))
+        if not 1 <= len(args.image_size) <= 2 or min(args.image_size) < 1:
+            errors.append(
+                f"--image_size {' '.join(map(str, args.image_size))}: one positive int (the"
+                " shorter side) or two (height width)"
+            )
+    return [e for e in errors if e]
+
+
+def image_error(path: str) -> str | None:
+    """Why `path` cannot be read as an image (its header and data checked, not decoded), or
+    None."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        return f"--image {path}: no such file"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return f"--image {path} is not a readable image ({type(err).__name__}: {err})"
+    return None
+
+
+def cached_size(features_dir: str | None, split: str) -> int | None:
+    """Rows of the features of `split` saved in `features_dir` (labels read only), or None."""
+    path = os.path.join(features_dir, split.replace("/", "_") + ".npz") if features_dir else None
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            return int(saved["labels"].shape[0])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # not one: the data decides
+        return None
+
+
+def size_errors(config, command: str, features_dir: str | None = None) -> list[str]:
+    """The settings that cannot work with the sizes of the splits: each split is opened
+    (listed) now, before any feature is computed, unless its features are saved already."""
+    from dino_jax import validation as checks
+    from dino_jax.data.pipeline import eval_data
+
+    def size(split: str) -> int:
+        cached = cached_size(features_dir, split)
+        if cached is not None:
+            return cached
+        return eval_data(config.data, split, config.eval.batch_size).source.global_size
+
+    bank, test = size(config.data.eval_train_split), size(config.data.eval_test_split)
+    if command == "knn":
+        return checks.knn_size_errors(config.eval, config.data, bank, test)
+    return checks.linear_size_errors(config.linear, config.data, bank, test)
+
+
 def check_eval_config(config, backbone, command: str, num_devices: int) -> None:
     """The sections an evaluation reads, checked by the training validators (the patch size
     is the loaded backbone's); exits 2 with every problem listed."""
@@ -203,13 +276,24 @@ def evaluate(argv: list[str] | None = None) -> dict[str, Any]:
     args = cmd.args
     if args.command == "attention" and (cmd.overrides or cmd.recipe):
         cli.fail(PROG, "attention takes no config (it reads the weights and the image only)")
-    if args.command == "attention" and not os.path.isfile(args.image):
-        cli.fail(PROG, f"--image {args.image}: no such file")
+    errors = argument_errors(args)
+    if errors:
+        cli.fail(PROG, "invalid command line:\n  - " + "\n  - ".join(errors))
     cli.setup_logging(show_orbax_info=args.checkpoint_info_logs)
+    from dino_jax.data.sources import DataError
 
+    try:
+        return _evaluate(cmd)
+    except DataError as err:  # the data as configured cannot be read
+        cli.fail(PROG, str(err))
+
+
+def _evaluate(cmd: cli.Command) -> dict[str, Any]:
     from dino_jax import parallel
     from dino_jax.evaluate.weights import WeightsError, load_weights
     from dino_jax.interop.pth import UnsafeCheckpointError
+
+    args = cmd.args
 
     dtype = None if args.dtype == "config" else args.dtype
     try:
@@ -219,11 +303,16 @@ def evaluate(argv: list[str] | None = None) -> dict[str, Any]:
     except (WeightsError, UnsafeCheckpointError) as err:
         cli.fail(PROG, str(err))
     if args.command == "attention":
+        if min(args.image_size) < backbone.patch_size:
+            cli.fail(PROG, f"--image_size: at least one {backbone.patch_size}-px patch")
         result = run_attention(args, backbone, variables, info)
     else:
         config = cli.command_config(cmd, base=info.config)
         mesh = parallel.make_mesh()
         check_eval_config(config, backbone, args.command, mesh.size)
+        errors = size_errors(config, args.command, getattr(args, "features_dir", None))
+        if errors:
+            cli.fail(PROG, "the configuration does not fit the data:\n  - " + "\n  - ".join(errors))
         if args.command == "knn":
             result = run_knn(args, config, backbone, variables, info, mesh)
         else:
