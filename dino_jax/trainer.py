@@ -65,6 +65,15 @@ class Run:
     def hp(self) -> DinoHParams:
         return self.recipe.hp
 
+    @property
+    def restore_target(self):
+        """The abstract state with its shardings: what a checkpoint is restored into."""
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            self.abstract_state,
+            self.state_sharding,
+        )
+
 
 def build_run(
     config: ml_collections.ConfigDict,
@@ -172,12 +181,7 @@ def restore_or_init(run: Run, ckpt: Checkpointer, flat_config: dict[str, Any]) -
             meta["steps_per_epoch"],
             run.data.steps_per_epoch,
         )
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        run.abstract_state,
-        run.state_sharding,
-    )
-    state = ckpt.restore(latest, abstract)
+    state = ckpt.restore(latest, run.restore_target)
     ckpt.record(latest, "restored")
     _LOG.info("resumed from step %d in %s", latest, ckpt.directory)
     return state

@@ -67,6 +67,15 @@ class _Errors(list):
             f"{name}={value!r}: must be a positive int",
         )
 
+    def splits_over_devices(self, name: str, batch, num_devices: int) -> None:
+        """A positive batch size must split evenly over the devices."""
+        if isinstance(batch, int) and batch > 0:
+            self.check(
+                batch % num_devices == 0,
+                f"{name}={batch} is not divisible by the {num_devices} devices:"
+                f" use a multiple of {num_devices}",
+            )
+
 
 def model_errors(m: ml_collections.ConfigDict, platform: str | None = None) -> list[str]:
     e = _Errors()
@@ -135,12 +144,8 @@ def optim_errors(o, d, num_devices: int, num_processes: int) -> list[str]:
     e = _Errors()
     e.positive_int("optim.batch_size", o.batch_size)
     e.positive_int("optim.epochs", o.epochs)
+    e.splits_over_devices("optim.batch_size", o.batch_size, num_devices)
     if isinstance(o.batch_size, int) and o.batch_size > 0:
-        e.check(
-            o.batch_size % num_devices == 0,
-            f"optim.batch_size={o.batch_size} is not divisible by the {num_devices} devices:"
-            f" use a multiple of {num_devices}",
-        )
         e.check(
             o.batch_size % num_processes == 0,
             f"optim.batch_size={o.batch_size} is not divisible by the {num_processes} processes",
@@ -297,12 +302,7 @@ def eval_errors(v: ml_collections.ConfigDict, patch_size, num_devices: int) -> l
             f"eval.crop={v.crop} is not a multiple of model.patch_size={patch_size}",
         )
     e.positive_int("eval.batch_size", v.batch_size)
-    if isinstance(v.batch_size, int) and v.batch_size > 0:
-        e.check(
-            v.batch_size % num_devices == 0,
-            f"eval.batch_size={v.batch_size} is not divisible by the {num_devices} devices:"
-            f" use a multiple of {num_devices}",
-        )
+    e.splits_over_devices("eval.batch_size", v.batch_size, num_devices)
     return e
 
 

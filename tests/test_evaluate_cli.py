@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers.tiny import tiny_eval_config
+from helpers.tiny import SMALL_EVAL_DATA, tiny_eval_config
 
 from dino_jax import parallel
 from dino_jax.config import flatten_config
@@ -139,13 +139,7 @@ def test_knn_command_with_an_official_backbone_and_data_options(tmp_path, capsys
             str(BACKBONE),
             "--num_heads",
             "2",
-            "--config.data.source=synthetic",
-            "--config.data.synthetic_examples=64",
-            "--config.data.synthetic_classes=3",
-            "--config.data.canvas_size=40",
-            "--config.eval.resize=32",
-            "--config.eval.crop=32",
-            "--config.eval.batch_size=16",
+            *SMALL_EVAL_DATA,
             "--config.eval.knn_ks=5,10",
         ]
     )

@@ -11,6 +11,7 @@ import sys
 import jax
 import pytest
 from helpers.fault_helpers import HELPERS, ROOT
+from helpers.tiny import SMALL_EVAL_DATA
 from helpers.xla import xla_flags
 
 from dino_jax import cli
@@ -27,17 +28,7 @@ from dino_jax.workdir import WorkdirLock, WorkdirLockedError
 RECIPE = str(HELPERS / "fault_config.py")  # the tiny config as a recipe file
 BACKBONE = str(ROOT / "tests" / "fixtures" / "backbone.pth")
 IMAGE = str(ROOT / "docs" / "demo_attention.png")
-# the fixture backbone (ViT/8, 32 px) on 64 synthetic images: evaluation in seconds
-SMALL_DATA = [
-    "--config.data.source=synthetic",
-    "--config.data.synthetic_examples=64",
-    "--config.data.synthetic_classes=3",
-    "--config.data.canvas_size=40",
-    "--config.eval.resize=32",
-    "--config.eval.crop=32",
-    "--config.eval.batch_size=16",
-]
-KNN = ["knn", "--weights", BACKBONE, "--num_heads", "2", *SMALL_DATA]
+KNN = ["knn", "--weights", BACKBONE, "--num_heads", "2", *SMALL_EVAL_DATA]
 
 
 @pytest.fixture

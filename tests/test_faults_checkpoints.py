@@ -204,11 +204,7 @@ def flip_at(path, position: int, flip: str) -> bytes:
 def unverified(workdir, step: int, **overrides):
     """Checkpoint `step` as Orbax alone reads it back (no digests compared), on the host."""
     run = build_run(tiny_config(**overrides))
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        run.abstract_state,
-        run.state_sharding,
-    )
+    abstract = run.restore_target
     ckpt = Checkpointer(str(workdir), keep=3)
     try:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))

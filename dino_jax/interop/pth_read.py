@@ -11,6 +11,7 @@ reads the storage records that are wanted, each exactly as large as its declarat
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import io
 import math
@@ -24,7 +25,7 @@ import sys
 import types
 import zipfile
 import zlib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import ml_dtypes
@@ -682,17 +683,11 @@ class PthFile:
         """The object with tensors as numpy arrays; with ``storages`` (keys, as in
         ``TensorInfo.storage``) only tensors of those storages are read, the others stay
         :class:`TensorInfo`."""
-        try:
+        with _naming(self.path):
             if not self._zip:
                 return self._unpickle(None, storages)
             with _open_regular(self.path) as f, _open_zip(f) as archive:
                 return self._unpickle(archive, storages)
-        except PthError as err:
-            raise type(err)(f"{self.path}: {err}") from None
-        except OSError as err:
-            raise PthError(f"{self.path}: cannot read it ({err.strerror or err})") from err
-        except _DAMAGE as err:
-            raise PthError(f"{self.path}: truncated or corrupt zip archive ({err})") from err
 
     def _unpickle(self, archive: zipfile.ZipFile | None, wanted: Collection[str] | None) -> Any:
         budget = self.storage_bytes  # the first pass already held the storages to the bound
@@ -757,8 +752,15 @@ def open_pth(path: str | os.PathLike[str]) -> PthFile:
     of the bounds at the top of this module; both name ``path``.
     """
     path = os.fspath(path)
-    try:
+    with _naming(path):
         return _first_pass(path)
+
+
+@contextlib.contextmanager
+def _naming(path: str) -> Iterator[None]:
+    """Every error of reading `path` as a PthError whose message starts with the file."""
+    try:
+        yield
     except PthError as err:
         raise type(err)(f"{path}: {err}") from None
     except OSError as err:

@@ -92,11 +92,7 @@ def temporary_checkpoints(workdir) -> list[str]:
 def restore(workdir, step: int, **overrides):
     """The state of checkpoint `step` of a tiny-config run, as host arrays."""
     run = build_run(tiny_config(**overrides))
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        run.abstract_state,
-        run.state_sharding,
-    )
+    abstract = run.restore_target
     ckpt = Checkpointer(str(workdir), keep=3)
     try:
         return jax.device_get(ckpt.restore(step, abstract))

@@ -67,3 +67,15 @@ def tiny_eval_config(max_steps: int = 2):
     c.data.eval_test_split = ""  # no evaluation inside train()
     c.train.max_steps = max_steps
     return c
+
+
+# Evaluation of the fixture backbone (ViT/8, 32 px) on 64 synthetic images: seconds on a CPU.
+SMALL_EVAL_DATA = [
+    "--config.data.source=synthetic",
+    "--config.data.synthetic_examples=64",
+    "--config.data.synthetic_classes=3",
+    "--config.data.canvas_size=40",
+    "--config.eval.resize=32",
+    "--config.eval.crop=32",
+    "--config.eval.batch_size=16",
+]
