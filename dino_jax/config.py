@@ -60,11 +60,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.init_from = ""
 
     c.model = ml_collections.ConfigDict()
-    c.model.arch = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | custom
-    c.model.embed_dim = config_dict.placeholder(int)  # only for arch = custom
+    # ViT: vit_tiny | vit_small | vit_base | vit_large | custom (sizes below);
+    # ResNet: resnet50 | resnet (sizes below); XCiT: any of xcit.py's models, e.g. the released
+    # xcit_small_12_p16 | xcit_small_12_p8 | xcit_medium_24_p16 | xcit_medium_24_p8, or xcit
+    # (sizes below). See dino_jax.models.backbones.
+    c.model.arch = "vit_small"
+    c.model.embed_dim = config_dict.placeholder(int)  # only for arch = custom | xcit
     c.model.depth = config_dict.placeholder(int)
     c.model.num_heads = config_dict.placeholder(int)
-    c.model.patch_size = 16
+    c.model.patch_size = 16  # ViT and XCiT (an XCiT name fixes it: xcit_*_p8 needs 8)
+    c.model.resnet_stem_width = config_dict.placeholder(int)  # only for arch = resnet
+    c.model.resnet_widths = config_dict.placeholder(tuple)  # bottleneck width of each stage
+    c.model.resnet_depths = config_dict.placeholder(tuple)  # blocks per stage
     c.model.drop_path_rate = 0.1
     c.model.out_dim = 65536
     c.model.norm_last_layer = True
@@ -87,6 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.dino.center_momentum = 0.9
 
     c.optim = ml_collections.ConfigDict()
+    c.optim.optimizer = "adamw"  # adamw | sgd | lars (main_dino.py --optimizer)
     c.optim.batch_size = 1024  # global, over all devices and hosts
     c.optim.epochs = 100
     c.optim.lr = 0.0005  # per 256 images: peak lr = lr * batch_size / 256

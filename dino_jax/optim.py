@@ -1,10 +1,11 @@
-"""The official optimiser as an optax chain: per-tensor clipping, then PyTorch-style AdamW.
+"""The official optimisers as optax chains: per-tensor clipping, then PyTorch-style AdamW,
+SGD or LARS (main_dino.py --optimizer adamw | sgd | lars).
 
-PyTorch's AdamW keeps a step count per parameter and skips a parameter whose gradient is
-None (no update, no decay, no moment or count change). DINO relies on that to freeze the
-last layer during the first epoch(s); zeroing its gradient in optax would still move its
-moments, its bias correction and its weight decay. So the AdamW here keeps per-leaf counts
-and takes the step (`tx.update(..., step=state.step)`) to decide what is frozen.
+PyTorch's optimizers skip a parameter whose gradient is None (no update, no decay, no state
+change; AdamW's per-parameter step count does not advance). DINO relies on that to freeze
+the last layer during the first epoch(s); zeroing its gradient in optax would still move its
+moments or momentum buffer, its bias correction and its weight decay. So the rules here run
+leaf by leaf and take the step (`tx.update(..., step=state.step)`) to decide what is frozen.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dino_jax.schedules import Schedules
 
 PyTree = Any
 PathPredicate = Callable[[str, jax.Array], bool]
+SkipPredicate = Callable[[str, jax.Array, jax.Array], jax.Array]  # (name, param, step)
+Schedule = Callable[[jax.Array], jax.Array]  # step -> value
 
 
 def official_decay(name: str, param: jax.Array) -> bool:
@@ -58,6 +61,37 @@ def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def leafwise(
+    rule: Callable[..., tuple],
+    grads: PyTree,
+    params: PyTree,
+    states: tuple[PyTree, ...],
+    step: jax.Array,
+    skipped: SkipPredicate | None,
+) -> tuple[PyTree, ...]:
+    """Apply a per-parameter update rule, with PyTorch's skip of parameters without gradient.
+
+    `rule(name, g, p, *state_leaves)` returns `(update, *new_state_leaves)` for one
+    parameter (`name` is its path, "a/b/bias"). Where `skipped(name, p, step)`, the update
+    is zero and every state leaf keeps its old value, as PyTorch's optimizers `continue` past
+    a `.grad` of None. Returns `(updates, *new_states)`, each with the structure of `grads`.
+    """
+
+    def leaf(path, g, p, *old):
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        active = jnp.bool_(True) if skipped is None else ~jnp.asarray(skipped(name, p, step))
+        u, *new = rule(name, g, p, *old)
+        kept = (jnp.where(active, n, o) for n, o in zip(new, old, strict=True))
+        return (jnp.where(active, u, 0.0).astype(p.dtype), *kept)
+
+    out = jax.tree_util.tree_map_with_path(leaf, grads, params, *states)
+    treedef = jax.tree.structure(grads)
+    return tuple(
+        jax.tree.unflatten(treedef, [x[i] for x in treedef.flatten_up_to(out)])
+        for i in range(1 + len(states))
+    )
+
+
 class TorchAdamWState(NamedTuple):
     count: PyTree  # int32 per leaf: PyTorch's per-parameter step
     mu: PyTree
@@ -65,14 +99,14 @@ class TorchAdamWState(NamedTuple):
 
 
 def torch_adamw(
-    learning_rate: Callable[[jax.Array], jax.Array],
-    weight_decay: Callable[[jax.Array], jax.Array],
+    learning_rate: Schedule,
+    weight_decay: Schedule,
     *,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     decay: PathPredicate = official_decay,
-    skipped: Callable[[str, jax.Array, jax.Array], jax.Array] | None = None,
+    skipped: SkipPredicate | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """torch.optim.AdamW with schedules of the step and per-step skipped parameters.
 
@@ -94,54 +128,146 @@ def torch_adamw(
         lr = learning_rate(step)
         wd = weight_decay(step)
 
-        def leaf(path, g, p, count, mu, nu):
-            name = jax.tree_util.keystr(path, simple=True, separator="/")  # a/b/bias
-            active = ~skipped(name, p, step) if skipped is not None else jnp.bool_(True)
-            new_count = count + active.astype(jnp.int32)
+        def rule(name, g, p, count, mu, nu):
+            new_count = count + 1
             new_mu = b1 * mu + (1.0 - b1) * g
             new_nu = b2 * nu + (1.0 - b2) * jnp.square(g)
-            t = jnp.maximum(new_count, 1).astype(jnp.float32)
+            t = new_count.astype(jnp.float32)
             denom = jnp.sqrt(new_nu) / jnp.sqrt(1.0 - b2**t) + eps
             u = -(lr / (1.0 - b1**t)) * new_mu / denom
             if decay(name, p):
                 u = u - lr * wd * p  # p * (1 - lr * wd), applied with the Adam step
-            return (
-                jnp.where(active, u, 0.0).astype(p.dtype),
-                new_count,
-                jnp.where(active, new_mu, mu),
-                jnp.where(active, new_nu, nu),
-            )
+            return u, new_count, new_mu, new_nu
 
-        out = jax.tree_util.tree_map_with_path(leaf, grads, params, state.count, state.mu, state.nu)
-        treedef = jax.tree.structure(grads)
-        updates, count, mu, nu = (
-            jax.tree.unflatten(treedef, [x[i] for x in treedef.flatten_up_to(out)])
-            for i in range(4)
+        updates, count, mu, nu = leafwise(
+            rule, grads, params, (state.count, state.mu, state.nu), step, skipped
         )
         return updates, TorchAdamWState(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+class TorchSGDState(NamedTuple):
+    momentum_buffer: PyTree  # torch.optim.SGD's state name
+
+
+def torch_sgd(
+    learning_rate: Schedule,
+    weight_decay: Schedule,
+    *,
+    momentum: float = 0.9,
+    decay: PathPredicate = official_decay,
+    skipped: SkipPredicate | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """torch.optim.SGD(lr, momentum) as main_dino.py --optimizer sgd builds it (no dampening,
+    no Nesterov), weight decay `d = g + wd * p` on the `decay` group only.
+
+    PyTorch sets the buffer to a clone of `d` at a parameter's first update and to
+    `momentum * buf + d` after; a buffer initialised to zeros gives exactly `d` the first
+    time, so no per-parameter count is needed. Skipped leaves keep value and buffer.
+    """
+
+    def init(params):
+        return TorchSGDState(momentum_buffer=jax.tree.map(jnp.zeros_like, params))
+
+    def update(grads, state, params=None, *, step, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError("torch_sgd needs params (weight decay)")
+        lr = learning_rate(step)
+        wd = weight_decay(step)
+
+        def rule(name, g, p, buf):
+            d = g + wd * p if decay(name, p) else g
+            buf = momentum * buf + d
+            return -lr * buf, buf
+
+        updates, buf = leafwise(rule, grads, params, (state.momentum_buffer,), step, skipped)
+        return updates, TorchSGDState(momentum_buffer=buf)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+class LARSState(NamedTuple):
+    mu: PyTree  # utils.LARS's state name
+
+
+def lars(
+    learning_rate: Schedule,
+    weight_decay: Schedule,
+    *,
+    momentum: float = 0.9,
+    eta: float = 0.001,
+    decay: PathPredicate = official_decay,
+    skipped: SkipPredicate | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """The official utils.LARS (main_dino.py --optimizer lars), with its param groups.
+
+    A parameter with `ndim != 1` gets `d = g + wd * p` (wd = 0 outside the `decay` group)
+    scaled by the trust ratio `eta * ||p|| / ||d||` (1 where either norm is 0; Frobenius
+    norms over the whole tensor); 1-D parameters (biases, norm scales) get `d = g`. Then
+    `mu = momentum * mu + d`, `p -= lr * mu`. Skipped leaves keep value and `mu`.
+    """
+
+    def init(params):
+        return LARSState(mu=jax.tree.map(jnp.zeros_like, params))
+
+    def update(grads, state, params=None, *, step, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError("lars needs params (weight decay and trust ratio)")
+        lr = learning_rate(step)
+        wd = weight_decay(step)
+
+        def rule(name, g, p, mu):
+            d = g
+            if p.ndim != 1:  # the official test, not the group: it decides the trust ratio
+                if decay(name, p):
+                    d = d + wd * p
+                p_norm = jnp.linalg.norm(p.astype(jnp.float32))
+                d_norm = jnp.linalg.norm(d.astype(jnp.float32))
+                ok = (p_norm > 0) & (d_norm > 0)
+                q = jnp.where(ok, eta * p_norm / jnp.where(ok, d_norm, 1.0), 1.0)
+                d = d * q.astype(d.dtype)
+            mu = momentum * mu + d
+            return -lr * mu, mu
+
+        updates, mu = leafwise(rule, grads, params, (state.mu,), step, skipped)
+        return updates, LARSState(mu=mu)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+OPTIMIZERS = ("adamw", "sgd", "lars")  # main_dino.py --optimizer choices
+
+
 def dino_optimizer(
     schedules: Schedules,
     *,
+    optimizer: str = "adamw",
     clip_grad: float = 3.0,
     norm_last_layer: bool = True,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
-    """The official recipe: per-tensor clip, AdamW with the decay mask and the lr/wd
-    schedules, the last layer skipped while epoch < freeze_last_layer, fixed gains skipped
-    always. Call `update(grads, opt_state, params, step=step)`."""
+    """The official recipe: per-tensor clip, then main_dino.py's `--optimizer` (AdamW with
+    its defaults, SGD with momentum 0.9, or utils.LARS with its defaults) with the decay mask
+    and the lr/wd schedules; the last layer skipped while epoch < freeze_last_layer, fixed
+    gains skipped always. `b1`, `b2`, `eps` are AdamW's. Call
+    `update(grads, opt_state, params, step=step)`."""
     fixed_gain = frozen_weight_g(norm_last_layer)
 
     def skipped(name, param, step):
         frozen_now = is_last_layer(name, param) & schedules.last_layer_frozen(step)
         return jnp.logical_or(fixed_gain(name, param), frozen_now)
 
-    return optax.chain(
-        clip_per_tensor(clip_grad),
-        torch_adamw(schedules.lr, schedules.wd, b1=b1, b2=b2, eps=eps, skipped=skipped),
-    )
+    if optimizer == "adamw":
+        rule = torch_adamw(schedules.lr, schedules.wd, b1=b1, b2=b2, eps=eps, skipped=skipped)
+    elif optimizer == "sgd":
+        rule = torch_sgd(schedules.lr, schedules.wd, skipped=skipped)
+    elif optimizer == "lars":
+        rule = lars(schedules.lr, schedules.wd, skipped=skipped)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    return optax.chain(clip_per_tensor(clip_grad), rule)

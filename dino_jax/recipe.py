@@ -9,18 +9,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from dino_jax.data.augment import MultiCropConfig
-from dino_jax.models import DINOHead, MultiCropNetwork, VisionTransformer
-from dino_jax.models.vit import ARCHS
+from dino_jax.models import DINOHead, MultiCropNetwork
+from dino_jax.models.backbones import build_backbone
 from dino_jax.optim import dino_optimizer
 from dino_jax.schedules import Schedules
 from dino_jax.state import TrainState, abstract_state, init_state, sample_crops
 from dino_jax.train_step import DinoHParams
-
-
-def backbone_kwargs(m: ml_collections.ConfigDict) -> dict:
-    if m.arch == "custom":
-        return {"embed_dim": m.embed_dim, "depth": m.depth, "num_heads": m.num_heads}
-    return dict(ARCHS[m.arch])
 
 
 def attention_implementation(setting: str) -> str | None:
@@ -39,14 +33,12 @@ def build_network(c: ml_collections.ConfigDict) -> MultiCropNetwork:
     m = c.model
     compute = jnp.dtype(m.compute_dtype)
     params = jnp.dtype(m.param_dtype)
-    backbone = VisionTransformer(
-        patch_size=m.patch_size,
+    backbone = build_backbone(
+        m,
         img_size=c.aug.global_size,
-        drop_path_rate=m.drop_path_rate,
         dtype=compute,
         param_dtype=params,
         attention_impl=attention_implementation(m.attention),
-        **backbone_kwargs(m),
     )
     head = DINOHead(
         out_dim=m.out_dim,
@@ -80,7 +72,10 @@ def build_schedules(c: ml_collections.ConfigDict, steps_per_epoch: int) -> Sched
 
 def build_optimizer(c: ml_collections.ConfigDict, schedules: Schedules):
     return dino_optimizer(
-        schedules, clip_grad=c.optim.clip_grad, norm_last_layer=c.model.norm_last_layer
+        schedules,
+        optimizer=c.optim.optimizer,
+        clip_grad=c.optim.clip_grad,
+        norm_last_layer=c.model.norm_last_layer,
     )
 
 

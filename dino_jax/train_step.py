@@ -13,7 +13,7 @@ from dino_jax.data.augment import MultiCropConfig, multicrop
 from dino_jax.loss import dino_loss, teacher_logits_centered, teacher_probs, update_center
 from dino_jax.models.multicrop import MultiCropNetwork
 from dino_jax.schedules import Schedules
-from dino_jax.state import TrainState, ema
+from dino_jax.state import TrainState, ema, variables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,28 +59,41 @@ def dino_update(
 
     crops: groups of equal resolution, (B, n, H, W, C) each, the 2 global crops first.
     Order as train_one_epoch: teacher forward on the global crops, student forward on all,
-    loss, gradient, per-tensor clip, AdamW (last layer skipped while frozen), teacher EMA;
-    the center moves after the loss, from the teacher logits of this batch.
+    loss, gradient, per-tensor clip, the optimiser step (last layer skipped while frozen),
+    teacher EMA of the parameters; the center moves after the loss, from the teacher logits
+    of this batch. BatchNorm running statistics move with each network's own forward passes.
     """
     sch = hp.schedules
     step = state.step
     teacher_temp = sch.teacher_temp_at(step)
-    t_logits = hp.model.apply({"params": state.teacher}, crops[:1])  # (2, B, K)
+    # Both networks normalise with batch statistics and update their own running ones.
+    t_logits, t_stats = hp.model.apply(
+        variables(state.teacher, state.teacher_stats),
+        crops[:1],
+        use_running_average=False,
+        mutable=["batch_stats"],
+    )  # (2, B, K)
     t_logits = jax.lax.stop_gradient(t_logits)
 
     def loss_fn(student):
-        s_logits = hp.model.apply(
-            {"params": student}, crops, train=True, rngs={"drop_path": key}
+        s_logits, s_stats = hp.model.apply(
+            variables(student, state.student_stats),
+            crops,
+            train=True,
+            use_running_average=False,
+            mutable=["batch_stats"],
+            rngs={"drop_path": key},
         )  # (n_crops, B, K)
-        return dino_loss(
+        loss = dino_loss(
             s_logits,
             t_logits,
             state.center,
             student_temp=hp.student_temp,
             teacher_temp=teacher_temp,
         )
+        return loss, s_stats
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.student)
+    (loss, s_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
     updates, opt_state = hp.tx.update(grads, state.opt_state, state.student, step=step)
     student = optax.apply_updates(state.student, updates)
     momentum = sch.momentum(step)
@@ -90,6 +103,8 @@ def dino_update(
         teacher=ema(state.teacher, student, momentum),
         opt_state=opt_state,
         center=update_center(state.center, t_logits, hp.center_momentum),
+        student_stats=dict(s_stats.get("batch_stats", {})),
+        teacher_stats=dict(t_stats.get("batch_stats", {})),
     )
     metrics = {
         "train/loss": loss,

@@ -13,7 +13,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from dino_jax import parallel, recipe
 from dino_jax.checkpoint import (
@@ -29,6 +28,7 @@ from dino_jax.data.decode import SkipLog
 from dino_jax.evaluate.during_training import TrainingEvaluator
 from dino_jax.metrics_log import MetricLogger
 from dino_jax.preemption import Preemption
+from dino_jax.starting_state import initial_state
 from dino_jax.state import TrainState
 from dino_jax.train_step import DinoHParams, train_step
 from dino_jax.validation import DataSizes, check_sizes, validate
@@ -97,52 +97,6 @@ def build_run(
     abstract = built.abstract_state()
     shardings = parallel.state_shardings(abstract, mesh, config.train.fsdp)
     return Run(config, mesh, data, built, abstract, shardings, data.skips)
-
-
-def initial_state(run: Run) -> TrainState:
-    """A fresh sharded state, or one started from an official checkpoint (init_from)."""
-    key = jax.random.key(run.config.seed)
-    state = jax.jit(run.recipe.init_state, out_shardings=run.state_sharding)(key)
-    if run.config.init_from:
-        state = start_from_official(run, state)
-    return state
-
-
-def start_from_official(run: Run, state: TrainState) -> TrainState:
-    from dino_jax.interop.official import load_official
-
-    config = run.config  # shapes checked before any tensor is read; AdamW state not read
-    ckpt = load_official(
-        config.init_from, config.model, img_size=config.aug.global_size, optimizer=False
-    )
-    teacher = ckpt.teacher
-    student = ckpt.student if ckpt.student is not None else teacher
-    if "head" not in teacher:  # backbone-only weights: keep our freshly initialised head
-        teacher = {"backbone": teacher["backbone"], "head": state.teacher["head"]}
-        student = {"backbone": student["backbone"], "head": state.student["head"]}
-
-    def place(ours, theirs, what):
-        ours_shapes = jax.tree.map(jnp.shape, ours)
-        theirs_shapes = jax.tree.map(np.shape, theirs)
-        if ours_shapes != theirs_shapes:
-            raise CheckpointError(
-                f"init_from={run.config.init_from}: its {what} does not fit the configured"
-                " model (compare model.arch / patch_size / out_dim / head settings with the"
-                " checkpoint's)"
-            )
-        return jax.tree.map(
-            lambda x, y: jax.device_put(np.asarray(y, x.dtype), x.sharding), ours, theirs
-        )
-
-    student = place(state.student, student, "student")
-    state = state.replace(
-        student=student,
-        teacher=place(state.teacher, teacher, "teacher"),
-        opt_state=run.hp.tx.init(student),
-    )
-    if ckpt.center is not None and ckpt.center.shape == state.center.shape:
-        state = state.replace(center=jax.device_put(ckpt.center, state.center.sharding))
-    return state
 
 
 def compile_step(run: Run):

@@ -12,9 +12,13 @@ import ml_collections
 import numpy as np
 
 from dino_jax.config import ConfigError, closest_key, default_config, dotted, leaves
-from dino_jax.models.vit import ARCHS
+from dino_jax.validation_model import (
+    backbone_use_errors,
+    input_multiple,
+    model_errors,
+    optimizer_errors,
+)
 
-DTYPES = ("float32", "bfloat16", "float16")
 # jax.random.key keeps the low 32 bits of a seed (2**32 gives the run of seed 0) and refuses
 # 2**63 and above; numpy and tf.data take any seed in this range.
 SEED_MAX = 2**32 - 1
@@ -36,12 +40,14 @@ def validate(
         errors += model_errors(c.model, platform)
         errors += dino_errors(c.dino)
         errors += optim_errors(c.optim, c.dino, num_devices, num_processes)
-        errors += aug_errors(c.aug, c.model.patch_size)
+        errors += optimizer_errors(c.optim)
+        errors += aug_errors(c.aug, input_multiple(c.model))
         errors += data_errors(c.data, c.seed, c.init_from)
         errors += train_errors(c.train)
-        errors += eval_errors(c.eval, c.model.patch_size, num_devices)
+        errors += eval_errors(c.eval, input_multiple(c.model), num_devices)
         errors += linear_errors(c.linear)
         errors += crossed_errors(c)
+        errors += backbone_use_errors(c)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
@@ -75,54 +81,6 @@ class _Errors(list):
                 f"{name}={batch} is not divisible by the {num_devices} devices:"
                 f" use a multiple of {num_devices}",
             )
-
-
-def model_errors(m: ml_collections.ConfigDict, platform: str | None = None) -> list[str]:
-    e = _Errors()
-    e.check(
-        m.arch in ARCHS or m.arch == "custom",
-        f"model.arch={m.arch!r}: use one of {sorted(ARCHS)} or 'custom'",
-    )
-    if m.arch in ARCHS:
-        # a named architecture has its own sizes: these would be ignored without a word
-        for key in ("embed_dim", "depth", "num_heads"):
-            e.check(
-                m[key] is None or m[key] == ARCHS[m.arch][key],
-                f"model.{key}={m[key]!r} is only read with model.arch='custom' ({m.arch} has"
-                f" {key} {ARCHS[m.arch][key]}): set model.arch=custom, or leave model.{key} unset",
-            )
-    if m.arch == "custom":
-        for key in ("embed_dim", "depth", "num_heads"):
-            value = m[key]
-            e.check(
-                isinstance(value, int) and value > 0,
-                f"model.{key}={value!r}: a positive int is needed with arch='custom'",
-            )
-        if isinstance(m.embed_dim, int) and isinstance(m.num_heads, int) and m.num_heads > 0:
-            e.check(
-                m.embed_dim % m.num_heads == 0,
-                f"model.embed_dim={m.embed_dim} is not divisible by num_heads={m.num_heads}",
-            )
-    for key in ("patch_size", "out_dim", "head_nlayers", "head_hidden_dim", "head_bottleneck_dim"):
-        e.positive_int(f"model.{key}", m[key])
-    e.check(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate}: use [0, 1)")
-    for key in ("compute_dtype", "param_dtype"):
-        e.check(m[key] in DTYPES, f"model.{key}={m[key]!r}: use one of {DTYPES}")
-    e.check(
-        m.attention in ("auto", "xla", "cudnn"),
-        f"model.attention={m.attention!r}: use auto, xla or cudnn",
-    )
-    if m.attention == "cudnn":
-        e.check(
-            platform in (None, "gpu"),
-            f"model.attention='cudnn' needs an NVIDIA GPU (this run is on {platform}): use auto",
-        )
-        e.check(
-            m.compute_dtype in ("bfloat16", "float16"),
-            f"model.attention='cudnn' needs model.compute_dtype bfloat16 or float16, not"
-            f" {m.compute_dtype!r}: change one of them",
-        )
-    return e
 
 
 def dino_errors(d: ml_collections.ConfigDict) -> list[str]:

@@ -440,6 +440,62 @@ CASES = [
         "",
         ("tests/test_exit_statuses.py", "-k", "full_disk"),
     ),
+    Case(
+        "float16 compute without loss scaling is refused",
+        "dino_jax/validation_model.py",
+        '        m.compute_dtype != "float16",',
+        "        True,",
+        ("tests/test_bad_config.py", "-k", "float16"),
+    ),
+    Case(
+        "a ResNet option on a ViT is refused",
+        "dino_jax/validation_model.py",
+        '    _unset_unless(e, m, RESNET_KEYS, "ViT", "resnet")',
+        "    pass",
+        ("tests/test_bad_config.py", "-k", "option and ViT"),
+    ),
+    Case(
+        "stochastic depth on a ResNet is refused",
+        "dino_jax/validation_model.py",
+        "        m.drop_path_rate == 0.0,",
+        "        True,",
+        ("tests/test_bad_config.py", "-k", "stochastic and ResNet"),
+    ),
+    Case(
+        "an XCiT name with another patch size is refused",
+        "dino_jax/validation_model.py",
+        '            m.patch_size == spec["patch_size"],',
+        "            True,",
+        ("tests/test_bad_config.py", "-k", "XCiT and name"),
+    ),
+    Case(
+        "attention maps of a network without attention are refused",
+        "dino_jax/validation_model.py",
+        "            not c.eval.attention_images,",
+        "            True,",
+        ("tests/test_bad_config.py", "-k", "attention and maps and ResNet"),
+    ),
+    Case(
+        "a ResNet/XCiT is exported with its BatchNorm statistics or not at all",
+        "dino_jax/interop/official_export.py",
+        "    if missing:\n        raise ValueError(",
+        "    if False:\n        raise ValueError(",
+        ("tests/test_interop_resnet_xcit.py", "-k", "without_its_batch_stats"),
+    ),
+    Case(
+        "an official file's num_batches_tracked must be an integer",
+        "dino_jax/interop/official.py",
+        'if name.endswith("num_batches_tracked") and not np.issubdtype(value.dtype, np.integer)',
+        "if False",
+        ("tests/test_interop_resnet_xcit.py", "-k", "float"),
+    ),
+    Case(
+        "a batch count outside 0..2**31-1 is refused",
+        "dino_jax/interop/state_dict.py",
+        "    if not _COUNT_RANGE[0] <= int(value) <= _COUNT_RANGE[1]:",
+        "    if False:",
+        ("tests/test_interop_resnet_xcit.py", "-k", "out_of_range"),
+    ),
 ]
 
 

@@ -9,7 +9,7 @@ import jax
 import ml_collections
 import pytest
 from helpers.fault_config import train_py
-from helpers.tiny import tiny_config
+from helpers.tiny import TINY_RESNET, tiny_config
 from PIL import Image
 
 from dino_jax import parallel
@@ -44,6 +44,9 @@ def drop_key(c):
     del c.train["keep_checkpoints"]
 
 
+# a ResNet with the tiny config's stochastic depth (0.1), which a ResNet refuses
+RESNET_VALUES = {**TINY_RESNET, "model.drop_path_rate": 0.1}
+RESNET = set_values(**RESNET_VALUES)
 SCHEDULE = "the schedule cannot be longer than training"
 CASES = {
     # name: (change, part of the message)
@@ -151,11 +154,74 @@ CASES = {
     ),
     "cudnn attention in float32": (
         set_values(**{"model.attention": "cudnn"}),
-        "needs model.compute_dtype bfloat16 or float16",
+        "needs model.compute_dtype bfloat16, not 'float32'",
     ),
     "depth with a named architecture": (
         set_values(**{"model.arch": "vit_small", "model.embed_dim": None, "model.num_heads": None}),
         "model.depth=1 is only read with model.arch='custom' (vit_small has depth 12)",
+    ),
+    "misspelt architecture": (
+        set_values(**{"model.arch": "resnet5"}),
+        "model.arch='resnet5' is not an architecture (did you mean resnet50?)",
+    ),
+    "a ResNet option on a ViT": (
+        set_values(**{"model.resnet_widths": (8, 16, 32, 64)}),
+        "model.resnet_widths=(8, 16, 32, 64) is only read with model.arch=resnet",
+    ),
+    "transformer sizes on a ResNet": (
+        set_values(**{"model.arch": "resnet50", "model.drop_path_rate": 0.0}),
+        "model.embed_dim=16 is a transformer setting; a ResNet reads",
+    ),
+    "stochastic depth on a ResNet": (
+        RESNET,
+        "torchvision's ResNet has no stochastic depth",
+    ),
+    "ResNet sizes missing": (
+        set_values(**{**RESNET_VALUES, "model.resnet_depths": None}),
+        "model.resnet_depths=None: four positive ints are needed with arch='resnet'",
+    ),
+    "ResNet sizes with resnet50": (
+        set_values(**{**RESNET_VALUES, "model.arch": "resnet50", "model.drop_path_rate": 0.0}),
+        "model.resnet_stem_width=4 is only read with model.arch='resnet'",
+    ),
+    "XCiT name with another patch size": (
+        set_values(
+            **{
+                "model.arch": "xcit_small_12_p8",
+                "model.embed_dim": None,
+                "model.depth": None,
+                "model.num_heads": None,
+            }
+        ),
+        "model.patch_size=4 but xcit_small_12_p8 has patch size 8",
+    ),
+    "XCiT patch size without a patch embedding": (
+        set_values(**{"model.arch": "xcit"}),
+        "XCiT's convolutional patch embedding exists for patch sizes 8 and 16 only",
+    ),
+    "attention maps of a ResNet": (
+        set_values(**{**RESNET_VALUES, "model.drop_path_rate": 0.0, "eval.attention_images": 2}),
+        "attention maps are a ViT's (CLS self-attention); model.arch='resnet' has none",
+    ),
+    "LARS with a zero learning rate": (
+        set_values(**{"optim.optimizer": "lars", "optim.lr": 0.0}),
+        "optim.lr=0.0: must be > 0",
+    ),
+    "SGD with a negative learning rate": (
+        set_values(**{"optim.optimizer": "sgd", "optim.lr": -0.03, "optim.min_lr": 0.0}),
+        "optim.lr=-0.03: must be > 0",
+    ),
+    "unknown optimizer": (
+        set_values(**{"optim.optimizer": "adam"}),
+        "optim.optimizer='adam': use one of adamw, sgd, lars",
+    ),
+    "float16 compute": (
+        set_values(**{"model.compute_dtype": "float16"}),
+        "model.compute_dtype='float16' is refused: float16 needs dynamic loss scaling",
+    ),
+    "float16 parameters": (
+        set_values(**{"model.param_dtype": "float16"}),
+        "model.param_dtype='float16' is refused",
     ),
     "negative shuffle buffer": (set_values(**{"data.shuffle_buffer": -1}), "data.shuffle_buffer"),
     "negative prefetch": (set_values(**{"data.prefetch": -1}), "data.prefetch=-1: must be >= 0"),

@@ -46,13 +46,20 @@ def test_head_batch_norm_uses_batch_statistics():
     head = DINOHead(out_dim=16, hidden_dim=8, bottleneck_dim=4, use_bn=True)
     x = jax.random.normal(jax.random.key(1), (2, 6, 5))
     params = head.init(jax.random.key(0), x)
+
+    def train_mode(x):  # as the official head in train mode: batch statistics
+        return head.apply(params, x, use_running_average=False, mutable=["batch_stats"])[0]
+
     # statistics come from all rows of all leading axes at once: permuting rows permutes outputs
     perm = jnp.asarray([3, 0, 5, 1, 4, 2])
-    y = head.apply(params, x)
-    np.testing.assert_allclose(head.apply(params, x[:, perm]), y[:, perm], atol=1e-6)
+    y = train_mode(x)
+    np.testing.assert_allclose(train_mode(x[:, perm]), y[:, perm], atol=1e-6)
     # ...and a different batch gives different statistics for the same row
-    y2 = head.apply(params, x.at[1].multiply(3.0))
+    y2 = train_mode(x.at[1].multiply(3.0))
     assert not np.allclose(y2[0], y[0], atol=1e-4)
+    # eval mode normalises with the running statistics: the rows are independent
+    y_eval = head.apply(params, x)
+    np.testing.assert_allclose(head.apply(params, x.at[1].multiply(3.0))[0], y_eval[0], atol=1e-6)
 
 
 def _loss_inputs(data, name):

@@ -1,4 +1,4 @@
-"""`dino-jax-bench {step,augment,pipeline} [options]` (or `python -m dino_jax.bench`): the
+"""`dino-jax-bench {step,augment,pipeline,predict} [options]` (or `python -m dino_jax.bench`): the
 project's benchmarks."""
 
 import importlib
@@ -8,6 +8,7 @@ COMMANDS = {
     "step": "training step: images/s, FLOPs, MFU, compile time, memory",
     "augment": "on-device multi-crop augmentation cost",
     "pipeline": "host input pipeline throughput per CPU core",
+    "predict": "predicted training time of a recipe on one accelerator (FLOPs / rate)",
 }
 
 

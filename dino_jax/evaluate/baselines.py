@@ -14,6 +14,7 @@ from dino_jax.data.pipeline import eval_data
 from dino_jax.evaluate.features import eval_transform, extract
 from dino_jax.evaluate.knn_eval import knn_evaluation, knn_metrics
 from dino_jax.recipe import Recipe
+from dino_jax.state import backbone_variables
 
 
 def random_init_knn(config: ml_collections.ConfigDict, recipe: Recipe, mesh) -> dict[str, float]:
@@ -23,7 +24,7 @@ def random_init_knn(config: ml_collections.ConfigDict, recipe: Recipe, mesh) -> 
     variables = jax.jit(lambda key: model.init({"params": key}, recipe.sample_crops()))(
         jax.random.key(config.seed)
     )
-    params = {"params": variables["params"]["backbone"]}
+    params = backbone_variables(variables["params"], variables.get("batch_stats", {}))
     return knn_evaluation(config, model.backbone, params, mesh)
 
 

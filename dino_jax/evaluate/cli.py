@@ -251,16 +251,17 @@ def check_eval_config(config, backbone, command: str, num_devices: int) -> None:
     """The sections an evaluation reads, checked by the training validators (the patch size
     is the loaded backbone's); exits 2 with every problem listed."""
     from dino_jax import validation as checks
+    from dino_jax.models.backbones import size_multiple, vit_depth
 
     errors = checks.schema_errors(config)
     if not errors:
         errors += checks.data_errors(config.data, config.seed, config.init_from)
-        errors += checks.eval_errors(config.eval, backbone.patch_size, num_devices)
+        errors += checks.eval_errors(config.eval, size_multiple(backbone), num_devices)
         for key in ("eval_train_split", "eval_test_split"):
             if not config.data[key]:
                 errors.append(f"data.{key} is empty: name the split (--config.data.{key}=...)")
         if command == "linear":
-            errors += checks.linear_errors(config.linear, backbone.depth)
+            errors += checks.linear_errors(config.linear, vit_depth(backbone))
             if config.linear.batch_size % num_devices:
                 errors.append(
                     f"linear.batch_size={config.linear.batch_size}: use a multiple of the"
@@ -292,6 +293,7 @@ def _evaluate(cmd: cli.Command) -> dict[str, Any]:
     from dino_jax import parallel
     from dino_jax.evaluate.weights import WeightsError, load_weights
     from dino_jax.interop.pth import UnsafeCheckpointError
+    from dino_jax.models.backbones import is_vit
 
     args = cmd.args
 
@@ -303,6 +305,12 @@ def _evaluate(cmd: cli.Command) -> dict[str, Any]:
     except (WeightsError, UnsafeCheckpointError) as err:
         cli.fail(PROG, str(err))
     if args.command == "attention":
+        if not is_vit(backbone):
+            cli.fail(
+                PROG,
+                f"attention maps need a ViT: {args.weights} holds a"
+                f" {type(backbone).__name__}, which has no CLS self-attention to show",
+            )
         if min(args.image_size) < backbone.patch_size:
             cli.fail(PROG, f"--image_size: at least one {backbone.patch_size}-px patch")
         result = run_attention(args, backbone, variables, info)

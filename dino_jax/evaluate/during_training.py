@@ -11,7 +11,7 @@ from dino_jax.evaluate import baselines
 from dino_jax.evaluate.attention import save_demo_attention
 from dino_jax.evaluate.knn_eval import knn_evaluation
 from dino_jax.recipe import Recipe
-from dino_jax.state import TrainState
+from dino_jax.state import TrainState, backbone_variables
 
 
 class TrainingEvaluator:
@@ -36,11 +36,11 @@ class TrainingEvaluator:
 
     def __call__(self, state: TrainState, epoch: int, final: bool = False) -> dict[str, float]:
         backbone = self.recipe.hp.model.backbone
-        params = {"params": state.teacher["backbone"]}
+        params = backbone_variables(state.teacher, state.teacher_stats)
         metrics = knn_evaluation(self.config, backbone, params, self.mesh)
         metrics["epoch"] = float(epoch)
         if final and self.config.eval.report_baselines:
             metrics.update(baselines.baseline_metrics(self.config, self.recipe, self.mesh))
-        if final and self.config.eval.attention_images:
+        if final and self.config.eval.attention_images:  # a ViT (validated)
             save_demo_attention(self.config, backbone, params, self.workdir)
         return metrics

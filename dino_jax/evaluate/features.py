@@ -2,8 +2,9 @@
 
 The eval transform is the official one (Resize(resize, bicubic) on the shorter side, then
 CenterCrop(crop), ToTensor, Normalize), done as one PIL-bicubic resample per image from the
-host's canvas. Features are the final-norm CLS token, or the linear-probe features (CLS of the
-last n blocks, optionally with the mean patch token).
+host's canvas. Features are the backbone's (a ViT's final-norm CLS token, a ResNet's pooled
+output), or a ViT's linear-probe features (CLS of the last n blocks, optionally with the mean
+patch token).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from dino_jax import parallel
 from dino_jax.data import color, crops
 from dino_jax.data.pipeline import device_batches, eval_data
-from dino_jax.models.vit import VisionTransformer
+from dino_jax.models.backbones import is_vit
 
 
 def eval_transform(
@@ -46,9 +47,21 @@ def linear_features(out, n_last_blocks: int, avgpool: bool) -> jax.Array:
     return jnp.concatenate(feats, axis=-1)
 
 
+def backbone_features(
+    backbone, variables, images: jax.Array, n_last_blocks: int = 0, avgpool: bool = False
+) -> jax.Array:
+    """Float32 features of a frozen backbone (BatchNorm with its running statistics): a ViT's
+    CLS token, or its linear-probe features with `n_last_blocks`; a ResNet's or XCiT's
+    output, as eval_linear.py and eval_knn.py take it for those (n_last_blocks unused)."""
+    if n_last_blocks and is_vit(backbone):
+        out = backbone.apply(variables, images, n_last_blocks=n_last_blocks)
+        return linear_features(out, n_last_blocks, avgpool).astype(jnp.float32)
+    return backbone.apply(variables, images).feature.astype(jnp.float32)
+
+
 @functools.lru_cache(maxsize=8)  # one compilation per setting, not per call
 def feature_fn(
-    backbone: VisionTransformer,
+    backbone,
     mesh: jax.sharding.Mesh,
     *,
     resize: int,
@@ -70,10 +83,7 @@ def feature_fn(
             std=std,
             dtype=backbone.dtype,
         )
-        out = backbone.apply(params, images, n_last_blocks=n_last_blocks)
-        if n_last_blocks:
-            return linear_features(out, n_last_blocks, avgpool).astype(jnp.float32)
-        return out.cls.astype(jnp.float32)
+        return backbone_features(backbone, params, images, n_last_blocks, avgpool)
 
     data = parallel.batch_sharding(mesh)
     return jax.jit(features, in_shardings=(parallel.replicated(mesh), data), out_shardings=data)
@@ -105,7 +115,7 @@ def extract(
 
 def split_features(
     config: ml_collections.ConfigDict,
-    backbone: VisionTransformer,
+    backbone,
     params,
     mesh: jax.sharding.Mesh,
     split: str,

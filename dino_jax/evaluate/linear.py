@@ -16,7 +16,7 @@ import numpy as np
 from dino_jax import parallel
 from dino_jax.data import color, crops
 from dino_jax.data.pipeline import device_batches, train_data
-from dino_jax.evaluate.features import linear_features, progress, split_features
+from dino_jax.evaluate.features import backbone_features, progress, split_features
 from dino_jax.evaluate.probe import (
     LinearResult,
     ProbeState,
@@ -28,7 +28,7 @@ from dino_jax.evaluate.probe import (
     probe_update,
     result_of,
 )
-from dino_jax.models.vit import VisionTransformer
+from dino_jax.models.backbones import vit_depth
 
 _LOG = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def train_step(
     batch: dict[str, jax.Array],
     base_key: jax.Array,
     *,
-    backbone: VisionTransformer,
+    backbone,
     tx,
     num_classes: int,
     crop: int,
@@ -81,8 +81,7 @@ def train_step(
         std=std,
         dtype=backbone.dtype,
     )
-    out = backbone.apply(variables, images, n_last_blocks=n_last_blocks)
-    feats = linear_features(out, n_last_blocks, avgpool).astype(jnp.float32)
+    feats = backbone_features(backbone, variables, images, n_last_blocks, avgpool)
     labels = batch["label"]
     mask = (labels >= 0) & (labels < num_classes)
     state, loss = probe_update(state, feats, labels, mask, tx=tx)
@@ -102,7 +101,7 @@ def bank_class_count(data_config) -> int:
 
 def linear_evaluation(
     config: ml_collections.ConfigDict,
-    backbone: VisionTransformer,
+    backbone,
     variables,
     mesh: jax.sharding.Mesh,
 ) -> LinearResult:
@@ -114,7 +113,7 @@ def linear_evaluation(
     center crop), normalised with `config.aug.mean/std`. The batch is sharded over `mesh`.
     """
     lin = config.linear
-    check_linear(lin, backbone.depth)
+    check_linear(lin, vit_depth(backbone))
     mean, std = tuple(config.aug.mean), tuple(config.aug.std)
     n, avgpool = lin.n_last_blocks, lin.avgpool
     devices = mesh.shape[parallel.DATA_AXIS]

@@ -1,7 +1,8 @@
 """A frozen backbone for evaluation, from a dino_jax work directory or an official `.pth` file.
 
 Work directories give the latest checkpoint's teacher (or student) and the config it was
-trained with; official files give their ViT and the ImageNet normalisation it was trained with.
+trained with; official files give their backbone (ViT, ResNet or XCiT) and the ImageNet
+normalisation it was trained with.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import numpy as np
 from dino_jax import recipe
 from dino_jax.config import default_config, dotted
 from dino_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD  # eval scripts' Normalize()
-from dino_jax.interop.official import infer_backbone, load_official
+from dino_jax.interop.official import backbone_module, load_official
 from dino_jax.interop.pth import UnsafeCheckpointError
-from dino_jax.models.vit import VisionTransformer
+from dino_jax.models.backbones import size_multiple
 from dino_jax.recipe import attention_implementation
+from dino_jax.state import variables
 
 _LOG = logging.getLogger(__name__)
 WHICH = ("teacher", "student")
@@ -40,7 +42,7 @@ class WeightsInfo:
     path: str
     which: str  # "teacher" | "student"
     step: int | None  # training step (work directory) or epoch (full official checkpoint)
-    patch_size: int
+    patch_size: int  # what each input side must be a multiple of (1: any size)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     config: ml_collections.ConfigDict | None  # the training config (work directories only)
@@ -110,9 +112,13 @@ def _restore_workdir(path: str, which: str):
         tree = _read(directory, step, lambda: manager.item_metadata(step)["state"].tree)
         if which not in tree or "backbone" not in tree[which]:
             raise WeightsError(f"checkpoint {step} in {directory} has no {which} backbone")
-        # Only the wanted backbone is read (a partial restore), as host arrays: no optimiser
-        # moments, no head, and no dependence on the devices the run was saved from.
+        # Only the wanted backbone (and its BatchNorm statistics, if it has any) is read (a
+        # partial restore), as host arrays: no optimiser moments, no head, and no dependence
+        # on the devices the run was saved from.
         target = {which: {"backbone": tree[which]["backbone"]}}
+        stats = f"{which}_stats"
+        if "backbone" in (tree.get(stats) or {}):
+            target[stats] = {"backbone": tree[stats]["backbone"]}
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
         args = ocp.args.Composite(
             state=ocp.args.PyTreeRestore(
@@ -126,7 +132,9 @@ def _restore_workdir(path: str, which: str):
     meta = dict(restored.meta)
     if "config" not in meta:
         raise WeightsError(f"checkpoint {step} in {directory} has no saved config in its meta")
-    return step, restored.state[which]["backbone"], config_from_flat(meta["config"])
+    state = restored.state
+    found = variables(state[which]["backbone"], state.get(f"{which}_stats", {}).get("backbone"))
+    return step, found, config_from_flat(meta["config"])
 
 
 def _read(directory: str, step: int, fn):
@@ -144,7 +152,7 @@ def load_weights(
     which: str = "teacher",
     num_heads: int | None = None,
     dtype: str | None = "float32",
-) -> tuple[VisionTransformer, dict[str, Any], WeightsInfo]:
+) -> tuple[Any, dict[str, Any], WeightsInfo]:
     """(backbone, variables, info) for `model.apply(variables, images)`.
 
     `path`: a work directory (its latest checkpoint) or an official full `checkpoint.pth` /
@@ -159,22 +167,24 @@ def load_weights(
     if not os.path.exists(path):
         raise WeightsError(f"{path} does not exist: give a work directory or a .pth file")
     if os.path.isdir(path):
-        step, params, config = _restore_workdir(path, which)
+        step, backbone_vars, config = _restore_workdir(path, which)
         if dtype is not None:
             config.model.compute_dtype = dtype
         backbone = recipe.build_network(config).backbone
-        params = jax.tree.map(lambda x: np.asarray(x, config.model.param_dtype), params)
+        params = jax.tree.map(
+            lambda x: np.asarray(x, config.model.param_dtype), backbone_vars["params"]
+        )
         info = WeightsInfo(
             source="workdir",
             path=path,
             which=which,
             step=int(step),
-            patch_size=backbone.patch_size,
+            patch_size=size_multiple(backbone),
             mean=tuple(config.aug.mean),
             std=tuple(config.aug.std),
             config=config,
         )
-        return backbone, {"params": params}, info
+        return backbone, {**backbone_vars, "params": params}, info
     return _load_pth(path, which, num_heads, dtype)
 
 
@@ -190,22 +200,26 @@ def _load_pth(path: str, which: str, num_heads: int | None, dtype: str | None):
     params = ckpt.teacher if which == "teacher" else ckpt.student
     if params is None:
         raise WeightsError(f"{path} holds no {which} network (a backbone-only file: use teacher)")
+    stats = ckpt.teacher_stats if which == "teacher" else ckpt.student_stats
+    compute = jnp.dtype(dtype or "float32")
     try:
-        arch = infer_backbone(params["backbone"], num_heads, ckpt.args)
+        backbone = backbone_module(
+            ckpt.architecture,
+            num_heads=num_heads,
+            args=ckpt.args,
+            dtype=compute,
+            attention_impl=attention_implementation("auto"),
+        )
     except ValueError as err:
         raise WeightsError(f"{path}: {err} (--num_heads)") from err
-    compute = jnp.dtype(dtype or "float32")
-    backbone = VisionTransformer(
-        **arch, dtype=compute, attention_impl=attention_implementation("auto")
-    )
     info = WeightsInfo(
         source="pth",
         path=path,
         which=which,
         step=ckpt.epoch,
-        patch_size=arch["patch_size"],
+        patch_size=size_multiple(backbone),
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         config=None,
     )
-    return backbone, {"params": params["backbone"]}, info
+    return backbone, variables(params["backbone"], (stats or {}).get("backbone")), info

@@ -1,6 +1,8 @@
-"""The shapes an official DINO state dict must have: for a configured model, or for the ViT and
-head that a file's own tensors declare. Shapes only: nothing here needs the tensors' bytes, so
-a file can be checked from its pickle before anything large is read.
+"""The shapes an official DINO state dict must have: for a configured model, or for the
+backbone (ViT, ResNet or XCiT) and head that a file's own tensors declare. Shapes only:
+nothing here needs the tensors' bytes, so a file can be checked from its pickle before
+anything large is read. The ViT is described here; architecture_resnet.py and
+architecture_xcit.py describe the other two families.
 """
 
 from __future__ import annotations
@@ -10,30 +12,47 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from dino_jax.interop import architecture_resnet, architecture_xcit
+from dino_jax.interop.architecture_common import (
+    IN_CHANNELS,
+    Head,
+    Shape,
+    block_indices,
+    head_of,
+    head_shapes,
+)
+from dino_jax.interop.architecture_resnet import ResNetArchitecture
+from dino_jax.interop.architecture_xcit import XCiTArchitecture
+from dino_jax.models.backbones import family, resnet_sizes, xcit_sizes
 from dino_jax.models.vit import ARCHS
 
-Shape = tuple[int, ...]
+__all__ = [
+    "IN_CHANNELS",
+    "MAX_POS_GRID",
+    "Architecture",
+    "Head",
+    "ResNetArchitecture",
+    "Shape",
+    "XCiTArchitecture",
+    "backbone_family",
+    "describe",
+    "differences",
+    "from_model_config",
+    "from_state_shapes",
+    "head_shapes",
+    "pos_grid",
+    "settings_for",
+    "state_shapes",
+]
 
 # The largest position grid accepted: 256 x 256 patches (4096 px at patch 16). Official DINO
 # models use 14 x 14 or 28 x 28; a larger grid is a damaged or hostile file, not a ViT.
 MAX_POS_GRID = 256
-IN_CHANNELS = 3  # RGB: what the official patch embedding and our data pipeline use
-
-
-@dataclasses.dataclass(frozen=True)
-class Head:
-    """DINOHead sizes (official names: nlayers, hidden_dim, bottleneck_dim, out_dim, use_bn)."""
-
-    nlayers: int
-    hidden_dim: int
-    bottleneck_dim: int
-    out_dim: int
-    use_bn: bool
 
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-    """What fixes the shapes of a DINO network's state dict; `grid` is the side of the position
+    """What fixes the shapes of a DINO ViT's state dict; `grid` is the side of the position
     grid (None: any square grid up to MAX_POS_GRID); `head` is None for a backbone alone."""
 
     embed_dim: int
@@ -45,22 +64,41 @@ class Architecture:
     head: Head | None = None
 
 
-def from_model_config(m: Any, img_size: int | None = None) -> Architecture:
-    """The architecture `recipe.build_network` builds from `config.model` (`m`), trained on
-    crops of `img_size` (config.aug.global_size), which fixes the position grid."""
-    if m.arch == "custom":
-        embed_dim, depth = m.embed_dim, m.depth
-    elif m.arch in ARCHS:
-        embed_dim, depth = ARCHS[m.arch]["embed_dim"], ARCHS[m.arch]["depth"]
-    else:
-        raise ValueError(f"model.arch={m.arch!r} is not a known architecture")
-    sizes = [embed_dim, depth, m.patch_size, m.out_dim, m.head_bottleneck_dim, m.head_nlayers]
+AnyArchitecture = Architecture | ResNetArchitecture | XCiTArchitecture
+_FAMILY_NAMES = {Architecture: "ViT", ResNetArchitecture: "ResNet", XCiTArchitecture: "XCiT"}
+
+
+def backbone_family(a: AnyArchitecture) -> str:
+    """The family of `a`: "ViT", "ResNet" or "XCiT"."""
+    return _FAMILY_NAMES[type(a)]
+
+
+def _head_of_config(m: Any) -> Head:
+    sizes = [m.out_dim, m.head_bottleneck_dim, m.head_nlayers]
     sizes += [m.head_hidden_dim] if m.head_nlayers > 1 else []
     if not all(type(n) is int and n > 0 for n in sizes):
-        raise ValueError("the model config has sizes that are not positive ints")
-    head = Head(
+        raise ValueError("the model config has head sizes that are not positive ints")
+    return Head(
         m.head_nlayers, m.head_hidden_dim, m.head_bottleneck_dim, m.out_dim, m.use_bn_in_head
     )
+
+
+def from_model_config(m: Any, img_size: int | None = None) -> AnyArchitecture:
+    """The architecture `recipe.build_network` builds from `config.model` (`m`); a ViT's is
+    trained on crops of `img_size` (config.aug.global_size), which fixes its position grid
+    (ResNets and XCiTs take any input size)."""
+    kind = family(m.arch)
+    head = _head_of_config(m)
+    if kind == "resnet":
+        return dataclasses.replace(architecture_resnet.from_sizes(resnet_sizes(m)), head=head)
+    if kind == "xcit":
+        return dataclasses.replace(architecture_xcit.from_sizes(xcit_sizes(m)), head=head)
+    if m.arch == "custom":
+        embed_dim, depth = m.embed_dim, m.depth
+    else:
+        embed_dim, depth = ARCHS[m.arch]["embed_dim"], ARCHS[m.arch]["depth"]
+    if not all(type(n) is int and n > 0 for n in (embed_dim, depth, m.patch_size)):
+        raise ValueError("the model config has sizes that are not positive ints")
     grid = None if img_size is None else img_size // m.patch_size
     return Architecture(embed_dim, depth, m.patch_size, 4 * embed_dim, True, grid, head)
 
@@ -94,36 +132,14 @@ def backbone_shapes(a: Architecture) -> dict[str, Shape]:
     return {f"backbone.{name}": shape for name, shape in shapes.items()}
 
 
-def head_shapes(head: Head, in_dim: int) -> dict[str, Shape]:
-    """Official DINOHead state-dict names (prefixed `head.`) and shapes, as nn.Sequential
-    numbers its layers (a GELU takes an index too)."""
-    shapes: dict[str, Shape] = {}
-    if head.nlayers == 1:
-        shapes.update(
-            {"mlp.weight": (head.bottleneck_dim, in_dim), "mlp.bias": (head.bottleneck_dim,)}
-        )
-    else:
-        index, width = 0, in_dim
-        for _ in range(head.nlayers - 1):
-            shapes[f"mlp.{index}.weight"] = (head.hidden_dim, width)
-            shapes[f"mlp.{index}.bias"] = (head.hidden_dim,)
-            width, index = head.hidden_dim, index + 1
-            if head.use_bn:
-                for name in ("weight", "bias", "running_mean", "running_var"):
-                    shapes[f"mlp.{index}.{name}"] = (width,)
-                shapes[f"mlp.{index}.num_batches_tracked"] = ()
-                index += 1
-            index += 1  # the GELU
-        shapes[f"mlp.{index}.weight"] = (head.bottleneck_dim, width)
-        shapes[f"mlp.{index}.bias"] = (head.bottleneck_dim,)
-    shapes["last_layer.weight_g"] = (head.out_dim, 1)
-    shapes["last_layer.weight_v"] = (head.out_dim, head.bottleneck_dim)
-    return {f"head.{name}": shape for name, shape in shapes.items()}
-
-
-def state_shapes(a: Architecture) -> dict[str, Shape]:
+def state_shapes(a: AnyArchitecture) -> dict[str, Shape]:
     """Every entry of the network's official state dict (backbone., head.) with its shape."""
-    shapes = backbone_shapes(a)
+    if isinstance(a, ResNetArchitecture):
+        shapes = architecture_resnet.backbone_shapes(a)
+    elif isinstance(a, XCiTArchitecture):
+        shapes = architecture_xcit.backbone_shapes(a)
+    else:
+        shapes = backbone_shapes(a)
     if a.head is not None:
         shapes.update(head_shapes(a.head, a.embed_dim))
     return shapes
@@ -137,34 +153,7 @@ def pos_grid(shape: Shape | None, embed_dim: int) -> int | None:
     return side if side * side == shape[1] - 1 and 0 < side <= MAX_POS_GRID else None
 
 
-def _block_indices(shapes: Mapping[str, Shape], prefix: str) -> list[int]:
-    found = set()
-    for name in shapes:
-        rest = name[len(prefix) :] if name.startswith(prefix) else ""
-        index = rest.split(".", 1)[0]
-        if index.isdigit():
-            found.add(int(index))
-    return sorted(found)
-
-
-def _head_of(shapes: Mapping[str, Shape]) -> Head | None:
-    if not any(name.startswith("head.") for name in shapes):
-        return None
-    v = shapes.get("head.last_layer.weight_v")
-    if v is None or len(v) != 2:
-        raise ValueError("head.last_layer.weight_v is missing or not 2-D")
-    out_dim, bottleneck = v
-    if "head.mlp.weight" in shapes:
-        return Head(1, 0, bottleneck, out_dim, False)
-    layers = _block_indices(shapes, "head.mlp.")
-    linear = [i for i in layers if len(shapes.get(f"head.mlp.{i}.weight", ())) == 2]
-    if not linear:
-        raise ValueError("the head has no linear layer (head.mlp.*.weight)")
-    hidden = shapes[f"head.mlp.{linear[0]}.weight"][0]
-    return Head(len(linear), hidden, bottleneck, out_dim, len(layers) > len(linear))
-
-
-def from_state_shapes(shapes: Mapping[str, Shape]) -> Architecture:
+def _vit_from_state_shapes(shapes: Mapping[str, Shape]) -> Architecture:
     """The architecture a state dict's own tensors declare (names normalised to `backbone.`
     and `head.`), read off a few of them; ValueError if even those are missing or malformed."""
     cls = shapes.get("backbone.cls_token")
@@ -185,7 +174,7 @@ def from_state_shapes(shapes: Mapping[str, Shape]) -> Architecture:
             f"backbone.pos_embed has shape {pos}, not (1, 1 + g*g, {dim}) for a square grid of "
             f"side g <= {MAX_POS_GRID}"
         )
-    depth = len(_block_indices(shapes, "backbone.blocks."))
+    depth = len(block_indices(shapes, "backbone.blocks."))
     if depth == 0:
         raise ValueError("the backbone has no transformer blocks (backbone.blocks.*)")
     return Architecture(
@@ -195,8 +184,22 @@ def from_state_shapes(shapes: Mapping[str, Shape]) -> Architecture:
         mlp_hidden=hidden,
         qkv_bias="backbone.blocks.0.attn.qkv.bias" in shapes,
         grid=grid,
-        head=_head_of(shapes),
+        head=head_of(shapes),
     )
+
+
+def from_state_shapes(shapes: Mapping[str, Shape]) -> AnyArchitecture:
+    """The architecture a state dict's own tensors declare (names normalised to `backbone.`
+    and `head.`): a ResNet if it has a 7x7 stem `conv1`, an XCiT if it has class-attention
+    blocks or a Fourier position encoder, else a ViT; read off a few tensors, ValueError if
+    even those are missing or malformed."""
+    if architecture_resnet.is_resnet(shapes):
+        backbone = architecture_resnet.from_shapes(shapes)
+    elif architecture_xcit.is_xcit(shapes):
+        backbone = architecture_xcit.from_shapes(shapes)
+    else:
+        return _vit_from_state_shapes(shapes)
+    return dataclasses.replace(backbone, head=head_of(shapes))
 
 
 def differences(expected: Mapping[str, Shape], found: Mapping[str, Shape]) -> list[str]:
@@ -211,8 +214,7 @@ def differences(expected: Mapping[str, Shape], found: Mapping[str, Shape]) -> li
     return lines
 
 
-def describe(a: Architecture) -> str:
-    """A one-line summary, naming the official size when it is one."""
+def _vit_text(a: Architecture) -> str:
     names = [
         name
         for name, spec in ARCHS.items()
@@ -222,6 +224,17 @@ def describe(a: Architecture) -> str:
     text += f" (embed_dim {a.embed_dim}, depth {a.depth})"
     if a.grid is not None:
         text += f" at {a.grid * a.patch_size} px ({a.grid}x{a.grid} positions)"
+    return text
+
+
+def describe(a: AnyArchitecture) -> str:
+    """A one-line summary, naming the official size when it is one."""
+    if isinstance(a, ResNetArchitecture):
+        text = architecture_resnet.describe(a)
+    elif isinstance(a, XCiTArchitecture):
+        text = architecture_xcit.describe(a)
+    else:
+        text = _vit_text(a)
     if a.head is None:
         return text + ", no head"
     h = a.head
@@ -231,8 +244,7 @@ def describe(a: Architecture) -> str:
     )
 
 
-def settings_for(a: Architecture) -> dict[str, Any]:
-    """The config settings (dotted keys) that build the architecture `a`."""
+def _vit_settings(a: Architecture) -> dict[str, Any]:
     names = [n for n, s in ARCHS.items() if (s["embed_dim"], s["depth"]) == (a.embed_dim, a.depth)]
     out: dict[str, Any] = (
         {"model.arch": names[0]}
@@ -246,6 +258,17 @@ def settings_for(a: Architecture) -> dict[str, Any]:
     out["model.patch_size"] = a.patch_size
     if a.grid is not None:
         out["aug.global_size"] = a.grid * a.patch_size
+    return out
+
+
+def settings_for(a: AnyArchitecture) -> dict[str, Any]:
+    """The config settings (dotted keys) that build the architecture `a`."""
+    if isinstance(a, ResNetArchitecture):
+        out = architecture_resnet.settings_for(a)
+    elif isinstance(a, XCiTArchitecture):
+        out = architecture_xcit.settings_for(a)
+    else:
+        out = _vit_settings(a)
     if a.head is not None:
         out["model.out_dim"] = a.head.out_dim
         out["model.head_nlayers"] = a.head.nlayers

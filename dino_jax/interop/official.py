@@ -1,11 +1,12 @@
-"""Official DINO checkpoints in and out: full `checkpoint.pth` and backbone `*_pretrain.pth`.
+"""Official DINO checkpoints in: full `checkpoint.pth` and backbone `*_pretrain.pth` of a
+ViT, a ResNet or an XCiT (export: official_export.py, re-exported here).
 
 Reading goes through `pth.open_pth` (no PyTorch, no code from the file): the pickle is read
 first, the shapes of the state dicts are checked against the architecture (the configured
 model's, or the one the file's own tensors declare), and only then are the tensors that are
-used read. Architecture sizes are read off the tensor shapes; only the number of heads is
-not in the shapes: it comes from an argument, the checkpoint's `args.arch`, or the official
-size for the width.
+used read. Architecture sizes are read off the tensor shapes; only a ViT's number of heads
+is not in the shapes: it comes from an argument, the checkpoint's `args.arch`, or the
+official size for the width. BatchNorm buffers come back as Flax `batch_stats` trees.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -21,19 +21,38 @@ import ml_dtypes
 import numpy as np
 
 from dino_jax.interop import architecture
-from dino_jax.interop.architecture import Architecture
-from dino_jax.interop.pth import (
-    Namespace,
-    PthError,
-    PthFile,
-    TensorInfo,
-    open_pth,
-    save_pth,
+from dino_jax.interop.architecture import AnyArchitecture, Architecture
+from dino_jax.interop.architecture_common import flag_value
+from dino_jax.interop.official_export import (
+    official_state_dict,
+    save_official_backbone,
+    save_official_checkpoint,
 )
-from dino_jax.interop.state_dict import BN_BUFFERS, from_state_dict, to_state_dict
+from dino_jax.interop.official_models import (
+    HEADS_BY_WIDTH,
+    backbone_module,
+    infer_backbone,
+    infer_head,
+)
+from dino_jax.interop.pth import Namespace, PthError, PthFile, TensorInfo, open_pth
+from dino_jax.interop.state_dict import BN_BUFFERS, from_state_dict
 from dino_jax.models.vit import ARCHS
 
-HEADS_BY_WIDTH = {spec["embed_dim"]: spec["num_heads"] for spec in ARCHS.values()}
+__all__ = [
+    "HEADS_BY_WIDTH",
+    "OfficialCheckpoint",
+    "OfficialCheckpointError",
+    "backbone_module",
+    "check_init_from",
+    "infer_backbone",
+    "infer_head",
+    "load_backbone",
+    "load_official",
+    "official_state_dict",
+    "save_official_backbone",
+    "save_official_checkpoint",
+]
+
 # Weights and BatchNorm statistics are floating point; an int or bool "weight" is damage.
 FLOAT_DTYPES = frozenset(
     np.dtype(t) for t in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64)
@@ -52,15 +71,19 @@ class OfficialCheckpointError(PthError):
 
 @dataclasses.dataclass
 class OfficialCheckpoint:
-    """What an official file holds, as our param trees ({'backbone': ..., 'head': ...})."""
+    """What an official file holds, as our param trees ({'backbone': ..., 'head': ...}) and
+    the Flax `batch_stats` trees of the same networks ({} without BatchNorm: a ViT with a
+    plain head; each network has its own, as the official teacher keeps its own buffers)."""
 
     teacher: dict[str, Any]  # the network to evaluate; a backbone-only file fills 'backbone'
     student: dict[str, Any] | None = None
     center: np.ndarray | None = None  # (1, K)
     epoch: int | None = None
     args: Namespace | None = None
-    adam: dict[str, dict[str, np.ndarray]] | None = None  # student name -> step/exp_avg/...
-    buffers: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    adam: dict[str, dict[str, np.ndarray]] | None = None  # student name -> its optimiser state
+    teacher_stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    student_stats: dict[str, Any] | None = None  # None with the student
+    architecture: AnyArchitecture | None = None  # what the file's own tensors declare
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:
@@ -102,10 +125,11 @@ def _state_dict(obj: Any, what: str, path: str) -> dict[str, Any]:
             )
         state[name.removeprefix("module.")] = value
     if not any(k.startswith("backbone.") for k in state):
-        if "cls_token" not in state:
+        if "cls_token" not in state and "conv1.weight" not in state:
             raise OfficialCheckpointError(
-                f"{path}: the {what} state dict has no ViT backbone (no 'cls_token' or "
-                "'backbone.cls_token' entry); is this a DINO ViT checkpoint?"
+                f"{path}: the {what} state dict has no DINO backbone (no 'cls_token' entry "
+                "of a ViT or XCiT, no 'conv1.weight' of a ResNet, with or without "
+                "'backbone.'); is this a DINO checkpoint?"
             )
         state = {"backbone." + k: v for k, v in state.items()}
     return state
@@ -192,18 +216,22 @@ def _adam_state(contents: _Contents, path: str) -> dict[int, tuple[str, Mapping[
     return out
 
 
-def _file_architecture(contents: _Contents) -> Architecture | None:
+def _file_architecture(contents: _Contents) -> AnyArchitecture | None:
     try:
         return architecture.from_state_shapes({n: _shape(v) for n, v in contents.teacher.items()})
     except ValueError:
         return None
 
 
-def _heads_problem(contents: _Contents, file_arch: Architecture | None, m: Any) -> list[str]:
-    """The number of heads is not in the shapes; the file's args.arch may still tell it."""
+def _heads_problem(
+    contents: _Contents, arch: AnyArchitecture, file_arch: AnyArchitecture | None, m: Any
+) -> list[str]:
+    """A ViT's number of heads is not in the shapes; the file's args.arch may still tell it."""
+    if not (isinstance(arch, Architecture) and isinstance(file_arch, Architecture)):
+        return []  # an XCiT's heads are in its shapes; a ResNet has none
     trained = getattr(contents.args, "arch", None)
     spec = ARCHS.get(trained, {}) if isinstance(trained, str) else {}
-    if file_arch is None or spec.get("embed_dim") != file_arch.embed_dim:
+    if spec.get("embed_dim") != file_arch.embed_dim:
         return []
     heads = ARCHS[m.arch]["num_heads"] if m.arch in ARCHS else m.num_heads
     if heads == spec["num_heads"]:
@@ -214,8 +242,20 @@ def _heads_problem(contents: _Contents, file_arch: Architecture | None, m: Any) 
     ]
 
 
+def _configured(key: str, model_config: Any, ours: Mapping[str, Any]) -> Any:
+    """The configured value of a dotted setting: config.model's own, else the architecture's
+    (the crop size, which is not in config.model)."""
+    section, _, leaf = key.partition(".")
+    value = getattr(model_config, leaf, None) if section == "model" else ours.get(key)
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _mismatch_message(
-    path: str, problems: list[str], wanted: Architecture, found: Architecture | None
+    path: str,
+    problems: list[str],
+    wanted: AnyArchitecture,
+    found: AnyArchitecture | None,
+    model_config: Any,
 ) -> str:
     shown = "\n  - ".join(problems[:_SHOWN])
     more = f"\n  - ... and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
@@ -226,17 +266,23 @@ def _mismatch_message(
     if found is None:
         return text + "Give an official DINO checkpoint of the configured model."
     ours, theirs = architecture.settings_for(wanted), architecture.settings_for(found)
-    changes = [f"--config.{k}={v}" for k, v in theirs.items() if ours.get(k) != v]
+    changes = [
+        f"--config.{k}={flag_value(v)}"
+        for k, v in theirs.items()
+        if _configured(k, model_config, ours) != v
+    ]
     text += f"The file holds {architecture.describe(found)}."
     if changes:
-        return text + " To start from it, set " + " ".join(changes) + "; or give a checkpoint "
-        "of the configured model."
+        return (
+            text + " To start from it, set " + " ".join(changes) + "; or give a checkpoint "
+            "of the configured model."
+        )
     return text + " Not all of its tensors fit that: give a complete, unedited checkpoint."
 
 
 def _target_architecture(
     contents: _Contents, path: str, model_config: Any, img_size: int | None
-) -> Architecture:
+) -> AnyArchitecture:
     """The architecture the file must have: the configured model's (its position grid taken
     from the file when no crop size is given), or the one the file's own tensors declare."""
     teacher = {name: _shape(value) for name, value in contents.teacher.items()}
@@ -253,16 +299,17 @@ def _target_architecture(
         ) from None
     if not any(name.startswith("head.") for name in teacher):
         arch = dataclasses.replace(arch, head=None)  # backbone weights: the head starts fresh
-    if arch.grid is None:
+    if isinstance(arch, Architecture) and arch.grid is None:
         grid = architecture.pos_grid(teacher.get("backbone.pos_embed"), arch.embed_dim)
         arch = dataclasses.replace(arch, grid=grid)
     return arch
 
 
-def _network_problems(arch: Architecture, state: Mapping[str, Any], what: str) -> list[str]:
+def _network_problems(arch: AnyArchitecture, state: Mapping[str, Any], what: str) -> list[str]:
     found = {name: _shape(value) for name, value in state.items()}
     lines = []
-    if arch.grid is None:  # the configured model takes any square grid, the file has none
+    # a configured ViT takes any square grid, and the file has none
+    if isinstance(arch, Architecture) and arch.grid is None:
         shape = found.pop("backbone.pos_embed", None)
         lines.append(
             f"backbone.pos_embed has shape {shape}, not (1, 1 + g*g, {arch.embed_dim}) for a "
@@ -274,21 +321,38 @@ def _network_problems(arch: Architecture, state: Mapping[str, Any], what: str) -
         for name, value in state.items()
         if not name.endswith("num_batches_tracked") and np.dtype(value.dtype) not in FLOAT_DTYPES
     ]
+    lines += [
+        f"{name} holds {value.dtype}, not an integer count"
+        for name, value in state.items()
+        if name.endswith("num_batches_tracked") and not np.issubdtype(value.dtype, np.integer)
+    ]
     return [f"{what}: {line}" for line in lines]
+
+
+_ARTICLE = {"ViT": "a ViT", "ResNet": "a ResNet", "XCiT": "an XCiT"}
+
+
+def _family_problem(arch: AnyArchitecture, file_arch: AnyArchitecture | None) -> list[str]:
+    if file_arch is None or type(file_arch) is type(arch):
+        return []
+    ours, theirs = (_ARTICLE[architecture.backbone_family(a)] for a in (arch, file_arch))
+    return [f"the file holds {theirs} backbone, the configured model is {ours}"]
 
 
 def _check_shapes(
     contents: _Contents, path: str, model_config: Any, img_size: int | None
-) -> Architecture:
+) -> AnyArchitecture:
     """Raise OfficialCheckpointError unless every network entry has the architecture's shape
     and a floating-point type; returns that architecture."""
     arch = _target_architecture(contents, path, model_config, img_size)
+    file_arch = _file_architecture(contents)
     problems = _network_problems(arch, contents.teacher, "teacher")
     if contents.student is not None:
         problems += _network_problems(arch, contents.student, "student")
-    file_arch = _file_architecture(contents)
+    if family := _family_problem(arch, file_arch):  # tensor by tensor would say little more
+        problems = [*family, f"{len(problems)} state-dict entries differ from the model's"]
     if model_config is not None:
-        problems += _heads_problem(contents, file_arch, model_config)
+        problems += _heads_problem(contents, arch, file_arch, model_config)
     out_dim = arch.head.out_dim if arch.head is not None else None
     if out_dim is None and model_config is not None:
         out_dim = model_config.out_dim  # a backbone file: the center must fit the fresh head
@@ -296,7 +360,9 @@ def _check_shapes(
     if center is not None and out_dim is not None and center != (1, out_dim):
         problems.append(f"dino_loss.center has shape {center}, expected (1, {out_dim})")
     if problems and model_config is not None:
-        raise OfficialCheckpointError(_mismatch_message(path, problems, arch, file_arch))
+        raise OfficialCheckpointError(
+            _mismatch_message(path, problems, arch, file_arch, model_config)
+        )
     if problems:
         raise OfficialCheckpointError(
             f"{path}: its tensors do not form one DINO network ({architecture.describe(arch)}):"
@@ -338,6 +404,13 @@ def _plan(
     return pth, _storages_to_read(pth, _used_tensors(contents, networks, adam), path)
 
 
+def _trees(state: Mapping[str, Any], what: str, path: str) -> tuple[dict, dict]:
+    try:
+        return from_state_dict(state)
+    except ValueError as err:  # a num_batches_tracked that is no count
+        raise OfficialCheckpointError(f"{path}: the {what}'s {err}") from None
+
+
 def load_official(
     path: str | os.PathLike[str],
     model_config: Any = None,
@@ -346,24 +419,27 @@ def load_official(
     networks: Collection[str] = ("teacher", "student"),
     optimizer: bool = False,
 ) -> OfficialCheckpoint:
-    """Read an official full checkpoint or a backbone-only state dict into param trees.
+    """Read an official full checkpoint or a backbone-only state dict into param trees and
+    batch_stats trees (BatchNorm buffers: `teacher_stats`, `student_stats`).
 
     With `model_config` (a config's `model` section) every tensor must have the shape of that
     model (`img_size`, the crop size, fixes the position embedding); without, the shapes the
     file's own tensors declare. Both are checked from the pickle, before any tensor is read.
     Then only what is asked for is read: the `networks` ("teacher", "student"; one left out
-    comes back as {} or None) and the AdamW state with `optimizer`.
+    comes back as {} or None) and the optimiser state with `optimizer` (AdamW's, or SGD's /
+    LARS's `momentum_buffer`, by student parameter name).
     Raises OfficialCheckpointError (or PthError, UnsafeCheckpointError) naming the file.
     """
     path = os.path.expanduser(os.fspath(path))
     pth, keys = _plan(path, model_config, img_size, networks, optimizer)
     contents = _contents(pth.load(keys), path)
-    teacher, buffers = {}, {}
+    ckpt = OfficialCheckpoint(
+        {}, epoch=contents.epoch, args=contents.args, architecture=_file_architecture(contents)
+    )
     if "teacher" in networks:
-        teacher, buffers = from_state_dict(contents.teacher)
-    ckpt = OfficialCheckpoint(teacher, buffers=buffers, epoch=contents.epoch, args=contents.args)
+        ckpt.teacher, ckpt.teacher_stats = _trees(contents.teacher, "teacher", path)
     if contents.student is not None and "student" in networks:
-        ckpt.student, _ = from_state_dict(contents.student)
+        ckpt.student, ckpt.student_stats = _trees(contents.student, "student", path)
     if contents.center is not None:
         ckpt.center = np.asarray(contents.center, np.float32)
     if optimizer and contents.optimizer is not None:
@@ -393,139 +469,25 @@ def check_init_from(path: str, model_config: Any, img_size: int | None = None) -
         ) from None
 
 
-def infer_backbone(backbone: dict[str, Any], num_heads: int | None = None, args=None) -> dict:
-    """VisionTransformer keyword arguments read off a backbone param tree."""
-    dim = int(np.shape(backbone["cls_token"])[-1])
-    depth = sum(1 for k in backbone if k.startswith("blocks_"))
-    patch = int(np.shape(backbone["patch_embed"]["proj"]["kernel"])[0])
-    n_pos = int(np.shape(backbone["pos_embed"])[1]) - 1
-    grid = round(n_pos**0.5)
-    hidden = int(np.shape(backbone["blocks_0"]["mlp"]["fc1"]["kernel"])[1])
-    if num_heads is None:
-        trained = getattr(args, "arch", None)
-        arch = ARCHS.get(trained, {}) if isinstance(trained, str) else {}
-        if arch.get("embed_dim") == dim:
-            num_heads = arch["num_heads"]
-        elif dim in HEADS_BY_WIDTH:
-            num_heads = HEADS_BY_WIDTH[dim]
-        else:
-            raise ValueError(
-                f"cannot tell the number of attention heads of a ViT of width {dim} from its "
-                "weights; pass num_heads explicitly"
-            )
-    return {
-        "patch_size": patch,
-        "embed_dim": dim,
-        "depth": depth,
-        "num_heads": num_heads,
-        "mlp_ratio": hidden / dim,
-        "qkv_bias": "bias" in backbone["blocks_0"]["attn"]["qkv"],
-        "img_size": grid * patch,
-    }
-
-
-def infer_head(head: dict[str, Any]) -> dict:
-    """DINOHead keyword arguments read off a head param tree."""
-    v = np.shape(head["last_layer"]["weight_v"])
-    if "mlp" in head:
-        return {"nlayers": 1, "bottleneck_dim": v[0], "out_dim": v[1], "use_bn": False}
-    indices = sorted(int(k.split("_")[1]) for k in head if k.startswith("mlp_"))
-    linears = [i for i in indices if "kernel" in head[f"mlp_{i}"]]
-    return {
-        "nlayers": len(linears),
-        "hidden_dim": int(np.shape(head[f"mlp_{linears[0]}"]["kernel"])[1]),
-        "bottleneck_dim": v[0],
-        "out_dim": v[1],
-        "use_bn": len(indices) > len(linears),
-    }
-
-
-# One order consistent with the registration order inside every official module
-# (VisionTransformer, Block, Attention, Mlp, DINOHead, BatchNorm1d).
-_MODULE_ORDER = (
-    "backbone", "head", "cls_token", "pos_embed", "patch_embed", "blocks", "norm1", "attn",
-    "qkv", "proj", "norm2", "mlp", "fc1", "fc2", "norm", "last_layer",
-    "weight", "weight_g", "weight_v", "bias", *BN_BUFFERS,
-)  # fmt: skip
-
-
-def _official_rank(name: str) -> tuple:
-    """Sort key giving PyTorch's state-dict order (registration order of the modules)."""
-    rank = []
-    for part in name.split("."):
-        if part.isdigit():
-            rank.append((int(part), ""))
-        else:
-            known = part in _MODULE_ORDER
-            rank.append((_MODULE_ORDER.index(part) if known else len(_MODULE_ORDER), part))
-    return tuple(rank)
-
-
-def official_state_dict(
-    params: dict[str, Any], prefix: str = "", buffers: dict[str, np.ndarray] | None = None
-) -> OrderedDict:
-    """Our {'backbone', 'head'} params as an official state dict (names, layouts, order).
-
-    BatchNorm layers of the head get their running statistics from `buffers` (as imported)
-    or PyTorch's initial values; DINO never uses them (both networks run in train mode).
-    """
-    state = to_state_dict(params)
-    for name in [n for n in state if n.startswith("head.mlp.") and n.endswith(".weight")]:
-        if state[name].ndim == 1:  # a BatchNorm scale
-            module = name[: -len("weight")]
-            dim = state[name].shape[0]
-            defaults = {
-                "running_mean": np.zeros(dim, np.float32),
-                "running_var": np.ones(dim, np.float32),
-                "num_batches_tracked": np.zeros((), np.int64),
-            }
-            for buf, value in defaults.items():
-                key = (module + buf).removeprefix("head.")
-                state[module + buf] = np.asarray((buffers or {}).get(key, value))
-    return OrderedDict((prefix + n, state[n]) for n in sorted(state, key=_official_rank))
-
-
-def save_official_checkpoint(
-    path: str | os.PathLike[str],
-    *,
-    student: dict[str, Any],
-    teacher: dict[str, Any],
-    center: np.ndarray,
-    epoch: int,
-    args: Namespace | None = None,
-    buffers: dict[str, np.ndarray] | None = None,
-) -> None:
-    """Write a full checkpoint the official main_dino.py / eval scripts can load."""
-    checkpoint = {
-        "student": official_state_dict(student, "module.", buffers),
-        "teacher": official_state_dict(teacher, "", buffers),
-        "epoch": int(epoch),
-        "dino_loss": OrderedDict(center=np.asarray(center, np.float32).reshape(1, -1)),
-    }
-    if args is not None:
-        checkpoint["args"] = args
-    save_pth(checkpoint, path)
-
-
-def save_official_backbone(path: str | os.PathLike[str], teacher: dict[str, Any]) -> None:
-    """Write the teacher backbone like the released *_pretrain.pth files (no prefixes)."""
-    state = official_state_dict({"backbone": teacher["backbone"]})
-    save_pth(OrderedDict((k.removeprefix("backbone."), v) for k, v in state.items()), path)
-
-
 def load_backbone(
     path: str | os.PathLike[str], *, num_heads: int | None = None, which: str = "teacher", **kw
 ):
-    """(VisionTransformer, variables) ready for `model.apply(variables, images)`.
+    """(backbone, variables) ready for `backbone.apply(variables, images)`: a
+    VisionTransformer, ResNet or XCiT, as the file's tensors declare; `variables` holds
+    `batch_stats` too when the backbone has BatchNorm (apply it with the default
+    use_running_average=True, as the official evaluations run it in eval mode).
 
     `which` picks the teacher (the network the official evaluations use) or the student of a
-    full checkpoint; `kw` overrides module fields (dtype, attention_impl, ...).
+    full checkpoint; `kw` overrides module fields (dtype, attention_impl, ...); `num_heads`
+    is a ViT's, when its width is not an official one.
     """
-    from dino_jax.models.vit import VisionTransformer
-
     ckpt = load_official(path, networks=(which,))
     params = ckpt.teacher if which == "teacher" else ckpt.student
+    stats = ckpt.teacher_stats if which == "teacher" else ckpt.student_stats
     if params is None:
         raise ValueError(f"{os.fspath(path)} holds no {which} network")
-    arch = infer_backbone(params["backbone"], num_heads, ckpt.args)
-    return VisionTransformer(**{**arch, **kw}), {"params": params["backbone"]}
+    model = backbone_module(ckpt.architecture, num_heads=num_heads, args=ckpt.args, **kw)
+    variables = {"params": params["backbone"]}
+    if (stats or {}).get("backbone"):
+        variables["batch_stats"] = stats["backbone"]
+    return model, variables

@@ -6,32 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dino_jax.models.batchnorm import BatchNorm
 from dino_jax.models.vit import Dtype, exact_gelu, torch_default_uniform, trunc_normal_02
-
-BN_EPS = 1e-5  # nn.BatchNorm1d default
-
-
-class BatchStatsNorm(nn.Module):
-    """Batch normalisation from the statistics of the batch at hand, with no running state.
-
-    DINO keeps both networks in train mode, so its (synchronised) BatchNorm always normalises
-    with the current global batch; the mean over a sharded batch is already the global mean.
-    """
-
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dim = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (dim,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (dim,), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        axes = tuple(range(x.ndim - 1))
-        mean = x32.mean(axes)
-        var = jnp.square(x32 - mean).mean(axes)  # biased, as BatchNorm normalises
-        y = (x32 - mean) * jax.lax.rsqrt(var + BN_EPS) * scale + bias
-        return y.astype(self.dtype)
 
 
 class WeightNormLinear(nn.Module):
@@ -114,7 +90,11 @@ class DINOHead(nn.Module):
                 layers.append(self._dense(self.hidden_dim, f"mlp_{index}"))
                 index += 1
                 if self.use_bn:
-                    layers.append(BatchStatsNorm(self.dtype, self.param_dtype, name=f"mlp_{index}"))
+                    layers.append(
+                        BatchNorm(
+                            dtype=self.dtype, param_dtype=self.param_dtype, name=f"mlp_{index}"
+                        )
+                    )
                     index += 1
                 layers.append(exact_gelu)
                 index += 1  # the GELU holds an index of the official nn.Sequential too
@@ -129,18 +109,23 @@ class DINOHead(nn.Module):
             name="last_layer",
         )
 
-    def mlp(self, x: jax.Array) -> jax.Array:
-        """The head's MLP (official `head.mlp`), before the L2 normalisation."""
+    def mlp(self, x: jax.Array, use_running_average: bool = True) -> jax.Array:
+        """The head's MLP (official `head.mlp`), before the L2 normalisation.
+
+        `use_running_average` sets the mode of the BatchNorms (`use_bn`; no effect without):
+        False normalises with the statistics of this call's batch and updates the running
+        ones (`apply(..., mutable=["batch_stats"])`), as the official head in train mode.
+        """
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, use_running_average) if isinstance(layer, BatchNorm) else layer(x)
         return x
 
     def prototypes(self) -> jax.Array:
         """Effective (bottleneck, K) prototype matrix g * v / ||v||."""
         return self.last_layer.weight()
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.mlp(x).astype(jnp.float32)
+    def __call__(self, x: jax.Array, use_running_average: bool = True) -> jax.Array:
+        x = self.mlp(x, use_running_average).astype(jnp.float32)
         # F.normalize: x / max(||x||, 1e-12), in float32.
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
         return self.last_layer(x)

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 
 from dino_jax.models.head import DINOHead
-from dino_jax.models.vit import VisionTransformer
 
 
 class MultiCropNetwork(nn.Module):
@@ -19,18 +18,34 @@ class MultiCropNetwork(nn.Module):
     per group (global crops first, then local ones). Images stay on the first axis so a batch
     sharded over devices keeps all crops of an image together; the result is crop-major,
     (n_crops, B, K), the order the official code concatenates crops in.
+
+    `train` switches stochastic depth (the student's calls); `use_running_average` switches
+    BatchNorm layers between running and batch statistics. Both DINO networks normalise with
+    batch statistics (the official code never calls `.eval()` while training), so their calls
+    pass `use_running_average=False` with `mutable=["batch_stats"]`: each backbone call then
+    updates the running statistics once, the global group first, as the official wrapper's
+    one call per resolution does.
     """
 
-    backbone: VisionTransformer
+    backbone: nn.Module  # a ViT, ResNet or XCiT (dino_jax.models.backbones)
     head: DINOHead
 
-    def __call__(self, crops: Sequence[jax.Array], *, train: bool = False) -> jax.Array:
+    def __call__(
+        self,
+        crops: Sequence[jax.Array],
+        *,
+        train: bool = False,
+        use_running_average: bool = True,
+    ) -> jax.Array:
         features = []
         for group in crops:
             batch, n = group.shape[:2]
-            out = self.backbone(group.reshape(batch * n, *group.shape[2:]), train=train)
-            features.append(out.cls.reshape(batch, n, -1))
-        # One head call on every crop at once, as the official wrapper does (it matters for
-        # batch-norm statistics when the head uses them).
-        logits = self.head(jnp.concatenate(features, axis=1))  # (B, n_crops, K)
-        return jnp.swapaxes(logits, 0, 1)
+            images = group.reshape(batch * n, *group.shape[2:])
+            out = self.backbone(images, train=train, use_running_average=use_running_average)
+            features.append(out.feature.reshape(batch, n, -1))
+        # One head call on every crop at once, as the official wrapper does (a BatchNorm in
+        # the head sees global and local features together).
+        logits = self.head(
+            jnp.concatenate(features, axis=1), use_running_average=use_running_average
+        )
+        return jnp.swapaxes(logits, 0, 1)  # (n_crops, B, K)

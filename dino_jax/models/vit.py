@@ -54,6 +54,11 @@ class ViTOutput:
     attention: jax.Array | None  # (B, heads, 1 + N, 1 + N), last block, when requested
     intermediates: tuple[jax.Array, ...]  # final-norm outputs (B, 1 + N, D) of the last n blocks
 
+    @property
+    def feature(self) -> jax.Array:
+        """The image feature every backbone gives DINO: here the CLS token."""
+        return self.cls
+
 
 class _Layers(nn.Module):
     """Shared dtype/init plumbing for the ViT's Dense and LayerNorm layers."""
@@ -189,9 +194,13 @@ class VisionTransformer(_Layers):
         x: jax.Array,
         *,
         train: bool = False,
+        use_running_average: bool = True,
         return_attention: bool = False,
         n_last_blocks: int = 0,
     ) -> ViTOutput:
+        """`train` switches stochastic depth; `use_running_average` is there for the backbone
+        interface (BatchNorm mode) and unused: the ViT has no BatchNorm."""
+        del use_running_average
         p = self.patch_size
         if x.shape[1] % p or x.shape[2] % p:
             raise ValueError(

@@ -79,3 +79,17 @@ SMALL_EVAL_DATA = [
     "--config.eval.crop=32",
     "--config.eval.batch_size=16",
 ]
+
+
+# Overrides of tiny_config / tiny_eval_config that swap the ViT for a small ResNet or XCiT.
+TINY_RESNET = {
+    "model.arch": "resnet",
+    "model.embed_dim": None,
+    "model.depth": None,
+    "model.num_heads": None,
+    "model.drop_path_rate": 0.0,  # torchvision's ResNet has no stochastic depth
+    "model.resnet_stem_width": 4,
+    "model.resnet_widths": (4, 8, 8, 8),
+    "model.resnet_depths": (1, 1, 1, 1),
+}
+TINY_XCIT = {"model.arch": "xcit", "model.embed_dim": 16, "model.patch_size": 8}

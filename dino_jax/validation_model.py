@@ -1,0 +1,217 @@
+"""Validation of `config.model` and of the optimiser choice: the architecture family, the
+settings each family reads (and refuses when they would be ignored), the dtypes."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dino_jax.config import closest_key
+from dino_jax.models.backbones import (
+    ARCH_NAMES,
+    RESNET_ARCHS,
+    VIT_ARCHS,
+    XCIT_ARCHS,
+    family,
+)
+from dino_jax.optim import OPTIMIZERS
+
+DTYPES = ("float32", "bfloat16")
+RESNET_KEYS = ("resnet_stem_width", "resnet_widths", "resnet_depths")
+SIZE_KEYS = ("embed_dim", "depth", "num_heads")
+
+
+class _Errors(list):
+    def check(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.append(message)
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _unset_unless(e: _Errors, m, keys, arch_kind: str, needed_for: str) -> None:
+    for key in keys:
+        e.check(
+            m[key] is None,
+            f"model.{key}={m[key]!r} is only read with model.arch={needed_for} (this is the"
+            f" {arch_kind} model.arch={m.arch!r}): leave model.{key} unset",
+        )
+
+
+def _named_sizes(e: _Errors, m, spec: dict, custom: str) -> None:
+    """A named architecture has its own sizes: a different one would be ignored silently."""
+    for key in SIZE_KEYS:
+        e.check(
+            m[key] is None or m[key] == spec[key],
+            f"model.{key}={m[key]!r} is only read with model.arch='{custom}' ({m.arch} has"
+            f" {key} {spec[key]}): set model.arch={custom}, or leave model.{key} unset",
+        )
+
+
+def _custom_sizes(e: _Errors, m, custom: str) -> None:
+    for key in SIZE_KEYS:
+        e.check(
+            _positive_int(m[key]),
+            f"model.{key}={m[key]!r}: a positive int is needed with arch='{custom}'",
+        )
+    if _positive_int(m.embed_dim) and _positive_int(m.num_heads):
+        e.check(
+            m.embed_dim % m.num_heads == 0,
+            f"model.embed_dim={m.embed_dim} is not divisible by num_heads={m.num_heads}",
+        )
+
+
+def _vit_errors(e: _Errors, m) -> None:
+    if m.arch in VIT_ARCHS:
+        _named_sizes(e, m, VIT_ARCHS[m.arch], "custom")
+    else:
+        _custom_sizes(e, m, "custom")
+    _unset_unless(e, m, RESNET_KEYS, "ViT", "resnet")
+
+
+def _xcit_errors(e: _Errors, m) -> None:
+    if m.arch in XCIT_ARCHS:
+        spec = XCIT_ARCHS[m.arch]
+        _named_sizes(e, m, spec, "xcit")
+        e.check(
+            m.patch_size == spec["patch_size"],
+            f"model.patch_size={m.patch_size!r} but {m.arch} has patch size"
+            f" {spec['patch_size']}: set model.patch_size={spec['patch_size']}",
+        )
+    else:
+        _custom_sizes(e, m, "xcit")
+        e.check(
+            m.patch_size in (8, 16),
+            f"model.patch_size={m.patch_size!r}: XCiT's convolutional patch embedding exists"
+            " for patch sizes 8 and 16 only",
+        )
+    _unset_unless(e, m, RESNET_KEYS, "XCiT", "resnet")
+
+
+def _resnet_errors(e: _Errors, m) -> None:
+    for key in SIZE_KEYS:
+        e.check(
+            m[key] is None,
+            f"model.{key}={m[key]!r} is a transformer setting; a ResNet reads"
+            f" model.resnet_stem_width / resnet_widths / resnet_depths: leave model.{key} unset",
+        )
+    e.check(
+        m.drop_path_rate == 0.0,
+        f"model.drop_path_rate={m.drop_path_rate}: torchvision's ResNet has no stochastic"
+        " depth (main_dino.py does not pass it to a ResNet): set model.drop_path_rate=0",
+    )
+    if m.arch in RESNET_ARCHS:
+        for key in RESNET_KEYS:
+            e.check(
+                m[key] is None,
+                f"model.{key}={m[key]!r} is only read with model.arch='resnet' ({m.arch} has"
+                " its own sizes): set model.arch=resnet, or leave it unset",
+            )
+        return
+    e.check(
+        _positive_int(m.resnet_stem_width),
+        f"model.resnet_stem_width={m.resnet_stem_width!r}: a positive int is needed with"
+        " arch='resnet' (ResNet-50: 64)",
+    )
+    for key, example in (
+        ("resnet_widths", "(64, 128, 256, 512)"),
+        ("resnet_depths", "(3, 4, 6, 3)"),
+    ):
+        value = m[key]
+        e.check(
+            isinstance(value, tuple) and len(value) == 4 and all(_positive_int(v) for v in value),
+            f"model.{key}={value!r}: four positive ints are needed with arch='resnet'"
+            f" (ResNet-50: {example})",
+        )
+
+
+def model_errors(m: ml_collections.ConfigDict, platform: str | None = None) -> list[str]:
+    e = _Errors()
+    try:
+        kind = family(m.arch)
+    except ValueError:
+        close = closest_key(str(m.arch), ARCH_NAMES)
+        hint = f" (did you mean {close}?)" if close else ""
+        e.append(
+            f"model.arch={m.arch!r} is not an architecture{hint}: use one of"
+            f" {', '.join(ARCH_NAMES)}"
+        )
+        kind = None
+    if kind == "vit":
+        _vit_errors(e, m)
+    elif kind == "xcit":
+        _xcit_errors(e, m)
+    elif kind == "resnet":
+        _resnet_errors(e, m)
+    for key in ("patch_size", "out_dim", "head_nlayers", "head_hidden_dim", "head_bottleneck_dim"):
+        e.check(_positive_int(m[key]), f"model.{key}={m[key]!r}: must be a positive int")
+    e.check(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate}: use [0, 1)")
+    e.check(
+        m.compute_dtype != "float16",
+        "model.compute_dtype='float16' is refused: float16 needs dynamic loss scaling, which"
+        " dino_jax does not do; use 'bfloat16' (float32's exponent range, so no scaling, at the"
+        " same matmul speed on A100/H100/H200 and TPUs) or 'float32'",
+    )
+    e.check(
+        m.param_dtype != "float16",
+        "model.param_dtype='float16' is refused: keep the parameters in 'float32' (or"
+        " 'bfloat16'); compute in bfloat16 with model.compute_dtype",
+    )
+    for key in ("compute_dtype", "param_dtype"):
+        e.check(m[key] in (*DTYPES, "float16"), f"model.{key}={m[key]!r}: use one of {DTYPES}")
+    e.check(
+        m.attention in ("auto", "xla", "cudnn"),
+        f"model.attention={m.attention!r}: use auto, xla or cudnn",
+    )
+    if m.attention == "cudnn":
+        e.check(
+            kind == "vit",
+            f"model.attention='cudnn' is a ViT setting ({m.arch} has no such attention): use auto",
+        )
+        e.check(
+            platform in (None, "gpu"),
+            f"model.attention='cudnn' needs an NVIDIA GPU (this run is on {platform}): use auto",
+        )
+        e.check(
+            m.compute_dtype == "bfloat16",
+            f"model.attention='cudnn' needs model.compute_dtype bfloat16, not"
+            f" {m.compute_dtype!r}: change one of them",
+        )
+    return e
+
+
+def optimizer_errors(o: ml_collections.ConfigDict) -> list[str]:
+    """main_dino.py --optimizer: adamw (default), sgd or lars (a positive optim.lr is
+    checked with the other optim values, for every optimiser)."""
+    e = _Errors()
+    e.check(
+        o.optimizer in OPTIMIZERS,
+        f"optim.optimizer={o.optimizer!r}: use one of {', '.join(OPTIMIZERS)}",
+    )
+    return e
+
+
+def backbone_use_errors(c: ml_collections.ConfigDict) -> list[str]:
+    """Settings elsewhere that only a ViT backbone can serve."""
+    e = _Errors()
+    try:
+        kind = family(c.model.arch)
+    except ValueError:
+        return e  # reported by model_errors
+    if kind != "vit":
+        e.check(
+            not c.eval.attention_images,
+            f"eval.attention_images={c.eval.attention_images}: attention maps are a ViT's (CLS"
+            f" self-attention); model.arch={c.model.arch!r} has none: set eval.attention_images=0",
+        )
+    return e
+
+
+def input_multiple(m: ml_collections.ConfigDict) -> int:
+    """What every input side must be a multiple of: a ViT's patch size; 1 for a ResNet or an
+    XCiT, whose strided convolutions take any size."""
+    try:
+        return m.patch_size if family(m.arch) == "vit" else 1
+    except ValueError:
+        return m.patch_size
