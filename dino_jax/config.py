@@ -92,6 +92,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.dino.warmup_teacher_temp_epochs = 0
     c.dino.momentum_teacher = 0.996
     c.dino.center_momentum = 0.9
+    # ema: DINO's softmax around an EMA center; sinkhorn: DINOv2's Sinkhorn-Knopp (3 iterations)
+    c.dino.centering = "ema"
+    c.dino.koleo_weight = 0.0  # DINOv2's KoLeo regulariser on the student's global features
+    # KoLeo's neighbours: 1 = over the global batch; N = within N equal chunks of it (the
+    # official per-GPU computation: N = the official run's GPU count)
+    c.dino.koleo_chunks = 1
 
     c.optim = ml_collections.ConfigDict()
     c.optim.optimizer = "adamw"  # adamw | sgd | lars (main_dino.py --optimizer)

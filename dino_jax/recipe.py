@@ -11,6 +11,7 @@ import ml_collections
 from dino_jax.data.augment import MultiCropConfig
 from dino_jax.models import DINOHead, MultiCropNetwork
 from dino_jax.models.backbones import build_backbone
+from dino_jax.objective import Objective, objective_from_config
 from dino_jax.optim import dino_optimizer
 from dino_jax.schedules import Schedules
 from dino_jax.state import TrainState, abstract_state, init_state, sample_crops
@@ -97,14 +98,17 @@ class Recipe:
         return abstract_state(self.hp.model, self.hp.tx, self.sample_crops())
 
 
-def build(c: ml_collections.ConfigDict, steps_per_epoch: int) -> Recipe:
-    """The recipe of a validated config (dino_jax.validation.validate) for epochs of that length."""
+def build(
+    c: ml_collections.ConfigDict, steps_per_epoch: int, objective: Objective | None = None
+) -> Recipe:
+    """The recipe of a validated config (dino_jax.validation.validate) for epochs of that
+    length; `objective` replaces the configured one (`config.dino`) when given."""
     schedules = build_schedules(c, steps_per_epoch)
     hp = DinoHParams(
         model=build_network(c),
         tx=build_optimizer(c, schedules),
         schedules=schedules,
-        student_temp=c.dino.student_temp,
+        objective=objective_from_config(c.dino) if objective is None else objective,
         center_momentum=c.dino.center_momentum,
     )
     return Recipe(hp, MultiCropConfig.from_config(c.aug), jnp.dtype(c.model.compute_dtype))

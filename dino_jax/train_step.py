@@ -10,20 +10,22 @@ import jax.numpy as jnp
 import optax
 
 from dino_jax.data.augment import MultiCropConfig, multicrop
-from dino_jax.loss import dino_loss, teacher_logits_centered, teacher_probs, update_center
+from dino_jax.loss import teacher_logits_centered, teacher_probs, update_center
 from dino_jax.models.multicrop import MultiCropNetwork
+from dino_jax.objective import Objective, StepOutputs, check_objective_result, dino_objective
 from dino_jax.schedules import Schedules
 from dino_jax.state import TrainState, ema, variables
 
 
 @dataclasses.dataclass(frozen=True)
 class DinoHParams:
-    """Static parts of the update: the network, the optimiser, the schedules, the loss."""
+    """Static parts of the update: the network, the optimiser, the schedules, the objective
+    (dino_jax.objective: official DINO by default) and the center's momentum."""
 
     model: MultiCropNetwork
     tx: optax.GradientTransformationExtraArgs
     schedules: Schedules
-    student_temp: float = 0.1
+    objective: Objective = dataclasses.field(default_factory=dino_objective)
     center_momentum: float = 0.9
 
 
@@ -67,33 +69,38 @@ def dino_update(
     step = state.step
     teacher_temp = sch.teacher_temp_at(step)
     # Both networks normalise with batch statistics and update their own running ones.
-    t_logits, t_stats = hp.model.apply(
+    (t_logits, t_feats), t_stats = hp.model.apply(
         variables(state.teacher, state.teacher_stats),
         crops[:1],
         use_running_average=False,
+        return_features=True,
         mutable=["batch_stats"],
-    )  # (2, B, K)
-    t_logits = jax.lax.stop_gradient(t_logits)
+    )  # (2, B, K), (2, B, D)
+    t_logits, t_feats = jax.lax.stop_gradient((t_logits, t_feats))
 
     def loss_fn(student):
-        s_logits, s_stats = hp.model.apply(
+        (s_logits, s_feats), s_stats = hp.model.apply(
             variables(student, state.student_stats),
             crops,
             train=True,
             use_running_average=False,
+            return_features=True,
             mutable=["batch_stats"],
             rngs={"drop_path": key},
-        )  # (n_crops, B, K)
-        loss = dino_loss(
-            s_logits,
-            t_logits,
-            state.center,
-            student_temp=hp.student_temp,
+        )  # (n_crops, B, K), (n_crops, B, D)
+        outputs = StepOutputs(
+            student_logits=s_logits,
+            teacher_logits=t_logits,
+            student_features=s_feats,
+            teacher_features=t_feats,
+            center=state.center,
             teacher_temp=teacher_temp,
+            step=step,
         )
-        return loss, s_stats
+        loss, terms = check_objective_result(hp.objective(outputs))
+        return loss, (s_stats, terms)
 
-    (loss, s_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
+    (loss, (s_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
     updates, opt_state = hp.tx.update(grads, state.opt_state, state.student, step=step)
     student = optax.apply_updates(state.student, updates)
     momentum = sch.momentum(step)
@@ -107,6 +114,7 @@ def dino_update(
         teacher_stats=dict(t_stats.get("batch_stats", {})),
     )
     metrics = {
+        **terms,
         "train/loss": loss,
         "train/lr": sch.lr(step),
         "train/wd": sch.wd(step),

@@ -27,6 +27,7 @@ from dino_jax.data import pipeline
 from dino_jax.data.decode import SkipLog
 from dino_jax.evaluate.during_training import TrainingEvaluator
 from dino_jax.metrics_log import MetricLogger
+from dino_jax.objective import Objective
 from dino_jax.preemption import Preemption
 from dino_jax.starting_state import initial_state
 from dino_jax.state import TrainState
@@ -81,9 +82,11 @@ def build_run(
     mesh: jax.sharding.Mesh | None = None,
     skips: SkipLog | None = None,
     data: pipeline.TrainData | None = None,
+    objective: Objective | None = None,
 ) -> Run:
     """The static parts of a run of `config`, which must have passed validation.validate;
-    `data`: its training stream if already opened (then start_step and skips are its own)."""
+    `data`: its training stream if already opened (then start_step and skips are its own);
+    `objective`: a user objective in place of the configured one (dino_jax.objective)."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.connect_processes(mesh)
     if data is None:
@@ -93,7 +96,7 @@ def build_run(
             start_step=start_step,
             skips=SkipLog() if skips is None else skips,
         )
-    built = recipe.build(config, data.steps_per_epoch)
+    built = recipe.build(config, data.steps_per_epoch, objective)
     abstract = built.abstract_state()
     shardings = parallel.state_shardings(abstract, mesh, config.train.fsdp)
     return Run(config, mesh, data, built, abstract, shardings, data.skips)
@@ -206,19 +209,30 @@ def resumable_stream(data: pipeline.TrainData, start: int, skips: SkipLog) -> pi
     return dataclasses.replace(data, start_step=start, skips=skips)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
-    """Train (or resume) the configured run in `workdir`; see README for the layout."""
+def train(
+    config: ml_collections.ConfigDict, workdir: str, objective: Objective | None = None
+) -> TrainResult:
+    """Train (or resume) the configured run in `workdir`; see README for the layout.
+
+    `objective`: a function of the step's outputs returning (loss, metrics) that replaces the
+    configured objective (dino_jax.objective; docs/research.md). It is code, not config: a
+    resume must pass the same one."""
     with Preemption() as preemption:
-        return _train(config, workdir, preemption)
+        return _train(config, workdir, preemption, objective)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preemption) -> TrainResult:
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    preemption: Preemption,
+    objective: Objective | None = None,
+) -> TrainResult:
     mesh = parallel.make_mesh()
     # A user error is found before the work directory is created, read or locked.
     data = preflight(config, workdir, mesh)
     # Held until the run ends: a second trainer on this directory is refused (workdir.py).
     with WorkdirLock(workdir, jax.process_index()):
-        return _train_locked(config, workdir, preemption, mesh, data)
+        return _train_locked(config, workdir, preemption, mesh, data, objective)
 
 
 def _train_locked(
@@ -227,13 +241,14 @@ def _train_locked(
     preemption: Preemption,
     mesh: jax.sharding.Mesh,
     data: pipeline.TrainData,
+    objective: Objective | None,
 ) -> TrainResult:
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     latest = ckpt.latest_step()
     check_work_dir(workdir, latest)
     start = latest or 0
     data = resumable_stream(data, start, skip_log(workdir))
-    run = build_run(config, mesh=mesh, data=data)
+    run = build_run(config, mesh=mesh, data=data, objective=objective)
     flat = flatten_config(config)
     state = restore_or_init(run, ckpt, flat)
     if int(jax.device_get(state.step)) != start:

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 
 from dino_jax.config import ConfigError, closest_key, default_config, dotted, leaves
+from dino_jax.objective import CENTERINGS
 from dino_jax.validation_model import (
     backbone_use_errors,
     input_multiple,
@@ -94,6 +95,15 @@ def dino_errors(d: ml_collections.ConfigDict) -> list[str]:
     e.check(
         0.0 <= d.center_momentum < 1.0,
         f"dino.center_momentum={d.center_momentum}: use [0, 1) (official 0.9)",
+    )
+    e.check(
+        d.centering in CENTERINGS,
+        f"dino.centering={d.centering!r}: use one of {', '.join(CENTERINGS)}",
+    )
+    e.positive_int("dino.koleo_chunks", d.koleo_chunks)
+    e.check(
+        d.koleo_weight >= 0.0,
+        f"dino.koleo_weight={d.koleo_weight}: a weight >= 0 (DINOv2: 0.1; 0 turns KoLeo off)",
     )
     return e
 
@@ -305,6 +315,13 @@ def crossed_errors(c: ml_collections.ConfigDict) -> list[str]:
             bool(c.data.eval_train_split),
             f"data.eval_train_split is empty but data.eval_test_split={c.data.eval_test_split!r}"
             " is set: name the split of the k-NN bank (or empty both: no evaluation)",
+        )
+    chunks, batch = c.dino.koleo_chunks, c.optim.batch_size
+    if c.dino.koleo_weight and isinstance(chunks, int) and chunks > 0 and isinstance(batch, int):
+        e.check(
+            batch % chunks == 0,
+            f"dino.koleo_chunks={chunks} does not split optim.batch_size={batch} into equal"
+            " chunks: use a divisor of the batch size",
         )
     return e
 

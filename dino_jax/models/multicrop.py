@@ -36,7 +36,10 @@ class MultiCropNetwork(nn.Module):
         *,
         train: bool = False,
         use_running_average: bool = True,
-    ) -> jax.Array:
+        return_features: bool = False,
+    ):
+        """(n_crops, B, K) logits; with `return_features`, also the (n_crops, B, D) backbone
+        features the head was applied to."""
         features = []
         for group in crops:
             batch, n = group.shape[:2]
@@ -45,7 +48,9 @@ class MultiCropNetwork(nn.Module):
             features.append(out.feature.reshape(batch, n, -1))
         # One head call on every crop at once, as the official wrapper does (a BatchNorm in
         # the head sees global and local features together).
-        logits = self.head(
-            jnp.concatenate(features, axis=1), use_running_average=use_running_average
-        )
-        return jnp.swapaxes(logits, 0, 1)  # (n_crops, B, K)
+        features = jnp.concatenate(features, axis=1)  # (B, n_crops, D)
+        logits = self.head(features, use_running_average=use_running_average)
+        logits = jnp.swapaxes(logits, 0, 1)  # (n_crops, B, K)
+        if return_features:
+            return logits, jnp.swapaxes(features, 0, 1)
+        return logits
