@@ -61,17 +61,25 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     # ViT: vit_tiny | vit_small | vit_base | vit_large | custom (sizes below);
+    # DINOv2 ViT: dinov2_vits14 | ... | dinov2 (options below);
     # ResNet: resnet50 | resnet (sizes below); XCiT: any of xcit.py's models, e.g. the released
     # xcit_small_12_p16 | xcit_small_12_p8 | xcit_medium_24_p16 | xcit_medium_24_p8, or xcit
     # (sizes below). See dino_jax.models.backbones.
     c.model.arch = "vit_small"
-    c.model.embed_dim = config_dict.placeholder(int)  # only for arch = custom | xcit
+    c.model.embed_dim = config_dict.placeholder(int)  # only for arch = custom | xcit | dinov2
     c.model.depth = config_dict.placeholder(int)
     c.model.num_heads = config_dict.placeholder(int)
     c.model.patch_size = 16  # ViT and XCiT (an XCiT name fixes it: xcit_*_p8 needs 8)
     c.model.resnet_stem_width = config_dict.placeholder(int)  # only for arch = resnet
     c.model.resnet_widths = config_dict.placeholder(tuple)  # bottleneck width of each stage
     c.model.resnet_depths = config_dict.placeholder(tuple)  # blocks per stage
+    # DINOv2's ViT (arch = dinov2_vits14 | dinov2_vitb14 | dinov2_vitl14 | dinov2_vitg14 |
+    # dinov2 with the sizes above); these options are its alone
+    c.model.num_register_tokens = 0  # register tokens after the CLS token
+    c.model.layerscale_init = 0.0  # LayerScale's initial gain; 0: no LayerScale
+    c.model.ffn = "mlp"  # mlp | swiglufused
+    c.model.interpolate_offset = 0.1  # position-embedding resize: scale (n + offset) / grid
+    c.model.interpolate_antialias = False  # the antialiased bicubic resize
     c.model.drop_path_rate = 0.1
     c.model.out_dim = 65536
     c.model.norm_last_layer = True

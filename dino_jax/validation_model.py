@@ -8,11 +8,14 @@ import ml_collections
 from dino_jax.config import closest_key
 from dino_jax.models.backbones import (
     ARCH_NAMES,
+    DINOV2_ARCHS,
+    DINOV2_OPTIONS,
     RESNET_ARCHS,
     VIT_ARCHS,
     XCIT_ARCHS,
     family,
 )
+from dino_jax.models.vit2 import FFNS
 from dino_jax.optim import OPTIMIZERS
 
 DTYPES = ("float32", "bfloat16")
@@ -89,6 +92,45 @@ def _xcit_errors(e: _Errors, m) -> None:
     _unset_unless(e, m, RESNET_KEYS, "XCiT", "resnet")
 
 
+def _dinov2_errors(e: _Errors, m) -> None:
+    if m.arch in DINOV2_ARCHS:
+        spec = DINOV2_ARCHS[m.arch]
+        _named_sizes(e, m, spec, "dinov2")
+        e.check(
+            m.patch_size == spec["patch_size"],
+            f"model.patch_size={m.patch_size!r} but {m.arch} has patch size"
+            f" {spec['patch_size']}: set model.patch_size={spec['patch_size']}",
+        )
+    else:
+        _custom_sizes(e, m, "dinov2")
+    _unset_unless(e, m, RESNET_KEYS, "DINOv2 ViT", "resnet")
+    r = m.num_register_tokens
+    e.check(
+        isinstance(r, int) and not isinstance(r, bool) and r >= 0,
+        f"model.num_register_tokens={r!r}: an int >= 0 (DINOv2's *_reg models: 4)",
+    )
+    e.check(
+        m.layerscale_init >= 0.0,
+        f"model.layerscale_init={m.layerscale_init}: >= 0 (DINOv2 training: 1e-5; 0: off)",
+    )
+    e.check(m.ffn in FFNS, f"model.ffn={m.ffn!r}: use one of {', '.join(FFNS)}")
+    e.check(
+        m.interpolate_offset >= 0.0,
+        f"model.interpolate_offset={m.interpolate_offset}: >= 0 (DINOv2: 0.1; *_reg: 0)",
+    )
+
+
+def _dinov2_options_unset(e: _Errors, m, kind: str) -> None:
+    """Registers, LayerScale, SwiGLU and DINOv2's resize exist in DINOv2's ViT only."""
+    for key, (default, _) in DINOV2_OPTIONS.items():
+        e.check(
+            m[key] == default,
+            f"model.{key}={m[key]!r} is a DINOv2 ViT option; the {kind} model.arch={m.arch!r}"
+            f" has no such thing: set model.arch=dinov2 (or dinov2_vits14, ...), or leave"
+            f" model.{key}={default!r}",
+        )
+
+
 def _resnet_errors(e: _Errors, m) -> None:
     for key in SIZE_KEYS:
         e.check(
@@ -140,10 +182,14 @@ def model_errors(m: ml_collections.ConfigDict, platform: str | None = None) -> l
         kind = None
     if kind == "vit":
         _vit_errors(e, m)
+    elif kind == "dinov2":
+        _dinov2_errors(e, m)
     elif kind == "xcit":
         _xcit_errors(e, m)
     elif kind == "resnet":
         _resnet_errors(e, m)
+    if kind in ("vit", "xcit", "resnet"):
+        _dinov2_options_unset(e, m, {"vit": "ViT", "xcit": "XCiT", "resnet": "ResNet"}[kind])
     for key in ("patch_size", "out_dim", "head_nlayers", "head_hidden_dim", "head_bottleneck_dim"):
         e.check(_positive_int(m[key]), f"model.{key}={m[key]!r}: must be a positive int")
     e.check(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate}: use [0, 1)")
@@ -166,7 +212,7 @@ def model_errors(m: ml_collections.ConfigDict, platform: str | None = None) -> l
     )
     if m.attention == "cudnn":
         e.check(
-            kind == "vit",
+            kind in ("vit", "dinov2"),
             f"model.attention='cudnn' is a ViT setting ({m.arch} has no such attention): use auto",
         )
         e.check(
@@ -202,8 +248,9 @@ def backbone_use_errors(c: ml_collections.ConfigDict) -> list[str]:
     if kind != "vit":
         e.check(
             not c.eval.attention_images,
-            f"eval.attention_images={c.eval.attention_images}: attention maps are a ViT's (CLS"
-            f" self-attention); model.arch={c.model.arch!r} has none: set eval.attention_images=0",
+            f"eval.attention_images={c.eval.attention_images}: attention maps are DINO's ViT's (its"
+            f" last block's CLS self-attention); model.arch={c.model.arch!r} gives none: set"
+            " eval.attention_images=0",
         )
     return e
 
@@ -212,6 +259,6 @@ def input_multiple(m: ml_collections.ConfigDict) -> int:
     """What every input side must be a multiple of: a ViT's patch size; 1 for a ResNet or an
     XCiT, whose strided convolutions take any size."""
     try:
-        return m.patch_size if family(m.arch) == "vit" else 1
+        return m.patch_size if family(m.arch) in ("vit", "dinov2") else 1
     except ValueError:
         return m.patch_size

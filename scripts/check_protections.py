@@ -476,6 +476,20 @@ CASES = [
         ("tests/test_bad_config.py", "-k", "attention and maps and ResNet"),
     ),
     Case(
+        "a DINOv2 ViT option on another backbone is refused",
+        "dino_jax/validation_model.py",
+        '    if kind in ("vit", "xcit", "resnet"):\n        _dinov2_options_unset(',
+        "    if False:\n        _dinov2_options_unset(",
+        ("tests/test_bad_config.py", "-k", "registers or SwiGLU"),
+    ),
+    Case(
+        "KoLeo chunks must split the batch",
+        "dino_jax/validation.py",
+        "            batch % chunks == 0,",
+        "            True,",
+        ("tests/test_bad_config.py", "-k", "KoLeo and chunks"),
+    ),
+    Case(
         "a ResNet/XCiT is exported with its BatchNorm statistics or not at all",
         "dino_jax/interop/official_export.py",
         "    if missing:\n        raise ValueError(",

@@ -85,7 +85,7 @@ def test_knn_and_linear_probe_of_a_work_directory(workdir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate(["attention", "--weights", str(path), "--image", str(image), "--out", str(out)])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "attention maps need a ViT" in err, err
+    assert exit_info.value.code == 2 and "attention maps need DINO's ViT" in err, err
     assert not out.exists()
 
 

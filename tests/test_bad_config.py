@@ -201,7 +201,47 @@ CASES = {
     ),
     "attention maps of a ResNet": (
         set_values(**{**RESNET_VALUES, "model.drop_path_rate": 0.0, "eval.attention_images": 2}),
-        "attention maps are a ViT's (CLS self-attention); model.arch='resnet' has none",
+        "attention maps are DINO's ViT's (its last block's CLS self-attention);"
+        " model.arch='resnet' gives none",
+    ),
+    "registers on a ViT that has none": (
+        set_values(**{"model.num_register_tokens": 4}),
+        "model.num_register_tokens=4 is a DINOv2 ViT option; the ViT model.arch='custom' has",
+    ),
+    "SwiGLU on a ResNet": (
+        set_values(**{**RESNET_VALUES, "model.drop_path_rate": 0.0, "model.ffn": "swiglufused"}),
+        "model.ffn='swiglufused' is a DINOv2 ViT option; the ResNet model.arch='resnet'",
+    ),
+    "DINOv2 name with another patch size": (
+        set_values(
+            **{
+                "model.arch": "dinov2_vits14",
+                "model.embed_dim": None,
+                "model.depth": None,
+                "model.num_heads": None,
+            }
+        ),
+        "model.patch_size=4 but dinov2_vits14 has patch size 14",
+    ),
+    "negative register count": (
+        set_values(**{"model.arch": "dinov2", "model.num_register_tokens": -1}),
+        "model.num_register_tokens=-1: an int >= 0",
+    ),
+    "unknown feed-forward": (
+        set_values(**{"model.arch": "dinov2", "model.ffn": "swiglu2"}),
+        "model.ffn='swiglu2': use one of mlp, swiglufused",
+    ),
+    "unknown centering": (
+        set_values(**{"dino.centering": "sinkhorn_knopp"}),
+        "dino.centering='sinkhorn_knopp': use one of ema, sinkhorn",
+    ),
+    "KoLeo chunks that do not split the batch": (
+        set_values(**{"dino.koleo_weight": 0.1, "dino.koleo_chunks": 3}),
+        "dino.koleo_chunks=3 does not split optim.batch_size=16 into equal chunks",
+    ),
+    "negative KoLeo weight": (
+        set_values(**{"dino.koleo_weight": -0.1}),
+        "dino.koleo_weight=-0.1: a weight >= 0",
     ),
     "LARS with a zero learning rate": (
         set_values(**{"optim.optimizer": "lars", "optim.lr": 0.0}),

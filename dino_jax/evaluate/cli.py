@@ -293,7 +293,7 @@ def _evaluate(cmd: cli.Command) -> dict[str, Any]:
     from dino_jax import parallel
     from dino_jax.evaluate.weights import WeightsError, load_weights
     from dino_jax.interop.pth import UnsafeCheckpointError
-    from dino_jax.models.backbones import is_vit
+    from dino_jax.models.backbones import has_attention_maps
 
     args = cmd.args
 
@@ -305,10 +305,10 @@ def _evaluate(cmd: cli.Command) -> dict[str, Any]:
     except (WeightsError, UnsafeCheckpointError) as err:
         cli.fail(PROG, str(err))
     if args.command == "attention":
-        if not is_vit(backbone):
+        if not has_attention_maps(backbone):
             cli.fail(
                 PROG,
-                f"attention maps need a ViT: {args.weights} holds a"
+                f"attention maps need DINO's ViT: {args.weights} holds a"
                 f" {type(backbone).__name__}, which has no CLS self-attention to show",
             )
         if min(args.image_size) < backbone.patch_size:

@@ -172,3 +172,19 @@ def load_dinov2_pth(
         raise OfficialCheckpointError(f"{path}: {err}") from None
     loaded = backbone_state_dict(pth.load({v.storage for v in entries.values()}), which)
     return model, {"params": load_dinov2_backbone(loaded)}
+
+
+def dinov2_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Our DINOv2 ViT params as the official state dict of a released backbone (names and
+    layouts of dinov2/models/vision_transformer.py: `blocks.0.ls1.gamma`, `register_tokens`,
+    `mlp.w12.weight`, ...), loadable with `DinoVisionTransformer.load_state_dict`."""
+    from dino_jax.interop.state_dict import to_state_dict
+
+    return to_state_dict(jax.tree.map(np.asarray, dict(params)))
+
+
+def save_dinov2_backbone(path: str | os.PathLike[str], params: Mapping[str, Any]) -> None:
+    """Write a DINOv2 backbone as a `torch.save` file of its official state dict."""
+    from dino_jax.interop.pth_write import save_pth
+
+    save_pth(dinov2_state_dict(params), path)

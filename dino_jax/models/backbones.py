@@ -4,7 +4,8 @@ Three families share one calling convention, `backbone(x, *, train, use_running_
 returning an output whose `feature` is the (B, D) image feature: the ViT of the official
 vision_transformer.py, torchvision's ResNet (v1.5, Bottleneck) and XCiT (facebookresearch/
 xcit's xcit.py, loaded by main_dino.py through torch.hub). Each family also has a name whose
-sizes come from the config: "custom" (ViT), "resnet", "xcit".
+sizes come from the config: "custom" (ViT), "resnet", "xcit"; DINOv2's ViT (registers,
+LayerScale, SwiGLU; dinov2/models/vision_transformer.py) is a fourth family.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 from dino_jax.models.resnet import ResNet
 from dino_jax.models.vit import ARCHS as VIT_ARCHS
 from dino_jax.models.vit import VisionTransformer
+from dino_jax.models.vit2 import DINOV2_ARCHS as _DINOV2_SIZES
+from dino_jax.models.vit2 import DinoVisionTransformer
 from dino_jax.models.xcit import XCIT_ARCHS, XCiT
 
 # torchvision.models.resnet50: stem 64, bottleneck widths 64 * 2**i, (3, 4, 6, 3) blocks.
@@ -25,18 +28,44 @@ RESNET_ARCHS: dict[str, dict[str, Any]] = {
 # The named XCiTs are xcit.py's fourteen (main_dino.py accepts any model of that hub).
 CUSTOM_XCIT = {"eta": 1.0, "tokens_norm": True}
 
+# DINOv2's ViTs by their torch.hub names (dinov2/hub/backbones.py: patch 14); the options
+# (registers, LayerScale, SwiGLU, interpolation) come from config.model.
+DINOV2_ARCHS: dict[str, dict[str, Any]] = {
+    f"dinov2_vit{name[4]}14": {"patch_size": 14, **spec} for name, spec in _DINOV2_SIZES.items()
+}
+DINOV2_OPTIONS = {  # config.model key: (default, DinoVisionTransformer field)
+    "num_register_tokens": (0, "num_register_tokens"),
+    "layerscale_init": (0.0, "init_values"),
+    "ffn": ("mlp", "ffn"),
+    "interpolate_offset": (0.1, "interpolate_offset"),
+    "interpolate_antialias": (False, "interpolate_antialias"),
+}
+
 VIT_NAMES = (*VIT_ARCHS, "custom")
+DINOV2_NAMES = (*DINOV2_ARCHS, "dinov2")
 RESNET_NAMES = (*RESNET_ARCHS, "resnet")
 XCIT_NAMES = (*XCIT_ARCHS, "xcit")
-ARCH_NAMES = (*VIT_NAMES, *RESNET_NAMES, *XCIT_NAMES)
+ARCH_NAMES = (*VIT_NAMES, *DINOV2_NAMES, *RESNET_NAMES, *XCIT_NAMES)
+FAMILIES = {"vit": VIT_NAMES, "dinov2": DINOV2_NAMES, "resnet": RESNET_NAMES, "xcit": XCIT_NAMES}
 
 
 def family(arch: str) -> str:
-    """ "vit", "resnet" or "xcit"; ValueError for a name that is none of them."""
-    for name, names in (("vit", VIT_NAMES), ("resnet", RESNET_NAMES), ("xcit", XCIT_NAMES)):
+    """ "vit", "dinov2", "resnet" or "xcit"; ValueError for a name that is none of them."""
+    for name, names in FAMILIES.items():
         if arch in names:
             return name
     raise ValueError(f"model.arch={arch!r} is not a known architecture; use one of {ARCH_NAMES}")
+
+
+def dinov2_sizes(m) -> dict[str, Any]:
+    """The DinoVisionTransformer fields of a DINOv2 `config.model`: its sizes (a hub name's
+    or embed_dim / depth / num_heads / patch_size) and its options."""
+    options = {field: m[key] for key, (_, field) in DINOV2_OPTIONS.items()}
+    options["init_values"] = options["init_values"] or None  # 0: no LayerScale
+    if m.arch in DINOV2_ARCHS:
+        return {**options, **DINOV2_ARCHS[m.arch]}
+    sizes = {"embed_dim": m.embed_dim, "depth": m.depth, "num_heads": m.num_heads}
+    return {**options, "patch_size": m.patch_size, **sizes}
 
 
 def resnet_sizes(m) -> dict[str, Any]:
@@ -79,6 +108,14 @@ def build_backbone(m, *, img_size: int, dtype, param_dtype, attention_impl=None)
         return ResNet(**resnet_sizes(m), **layers)
     if kind == "xcit":
         return XCiT(drop_path_rate=m.drop_path_rate, **xcit_sizes(m), **layers)
+    if kind == "dinov2":
+        return DinoVisionTransformer(
+            img_size=img_size,
+            drop_path_rate=m.drop_path_rate,
+            attention_impl=attention_impl,
+            **dinov2_sizes(m),
+            **layers,
+        )
     return VisionTransformer(
         patch_size=m.patch_size,
         img_size=img_size,
@@ -90,7 +127,12 @@ def build_backbone(m, *, img_size: int, dtype, param_dtype, attention_impl=None)
 
 
 def is_vit(backbone) -> bool:
-    """Whether a built backbone is a ViT (attention maps, intermediate blocks, patch grid)."""
+    """Whether a built backbone is a ViT, DINO's or DINOv2's (intermediate blocks, patch grid)."""
+    return isinstance(backbone, (VisionTransformer, DinoVisionTransformer))
+
+
+def has_attention_maps(backbone) -> bool:
+    """Whether a built backbone returns its last block's attention (DINO's ViT)."""
     return isinstance(backbone, VisionTransformer)
 
 
