@@ -42,13 +42,20 @@ def _unset_unless(e: _Errors, m, keys, arch_kind: str, needed_for: str) -> None:
         )
 
 
-def _named_sizes(e: _Errors, m, spec: dict, custom: str) -> None:
-    """A named architecture has its own sizes: a different one would be ignored silently."""
+def _named_sizes(e: _Errors, m, spec: dict, custom: str, with_patch: bool = False) -> None:
+    """A named architecture has its own sizes: a different one would be ignored silently;
+    `with_patch`: the name fixes the patch size too (it must then be model.patch_size)."""
     for key in SIZE_KEYS:
         e.check(
             m[key] is None or m[key] == spec[key],
             f"model.{key}={m[key]!r} is only read with model.arch='{custom}' ({m.arch} has"
             f" {key} {spec[key]}): set model.arch={custom}, or leave model.{key} unset",
+        )
+    if with_patch:
+        e.check(
+            m.patch_size == spec["patch_size"],
+            f"model.patch_size={m.patch_size!r} but {m.arch} has patch size"
+            f" {spec['patch_size']}: set model.patch_size={spec['patch_size']}",
         )
 
 
@@ -75,13 +82,7 @@ def _vit_errors(e: _Errors, m) -> None:
 
 def _xcit_errors(e: _Errors, m) -> None:
     if m.arch in XCIT_ARCHS:
-        spec = XCIT_ARCHS[m.arch]
-        _named_sizes(e, m, spec, "xcit")
-        e.check(
-            m.patch_size == spec["patch_size"],
-            f"model.patch_size={m.patch_size!r} but {m.arch} has patch size"
-            f" {spec['patch_size']}: set model.patch_size={spec['patch_size']}",
-        )
+        _named_sizes(e, m, XCIT_ARCHS[m.arch], "xcit", with_patch=True)
     else:
         _custom_sizes(e, m, "xcit")
         e.check(
@@ -94,13 +95,7 @@ def _xcit_errors(e: _Errors, m) -> None:
 
 def _dinov2_errors(e: _Errors, m) -> None:
     if m.arch in DINOV2_ARCHS:
-        spec = DINOV2_ARCHS[m.arch]
-        _named_sizes(e, m, spec, "dinov2")
-        e.check(
-            m.patch_size == spec["patch_size"],
-            f"model.patch_size={m.patch_size!r} but {m.arch} has patch size"
-            f" {spec['patch_size']}: set model.patch_size={spec['patch_size']}",
-        )
+        _named_sizes(e, m, DINOV2_ARCHS[m.arch], "dinov2", with_patch=True)
     else:
         _custom_sizes(e, m, "dinov2")
     _unset_unless(e, m, RESNET_KEYS, "DINOv2 ViT", "resnet")

@@ -462,7 +462,7 @@ CASES = [
         ("tests/test_bad_config.py", "-k", "stochastic and ResNet"),
     ),
     Case(
-        "an XCiT name with another patch size is refused",
+        "an XCiT or DINOv2 name with another patch size is refused",
         "dino_jax/validation_model.py",
         '            m.patch_size == spec["patch_size"],',
         "            True,",

@@ -17,7 +17,6 @@ SGD without weight decay in the momentum.
 """
 
 import dataclasses
-import functools
 import json
 
 import jax
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers.parity import nchw_to_nhwc
+from helpers.parity import run_updates
 
 from dino_jax.interop.state_dict import from_state_dict, to_state_dict
 from dino_jax.models import DINOHead, MultiCropNetwork
@@ -33,7 +32,7 @@ from dino_jax.models.resnet import ResNet
 from dino_jax.optim import clip_per_tensor, dino_optimizer, frozen_weight_g, is_last_layer, lars
 from dino_jax.schedules import Schedules
 from dino_jax.state import create_state, ema
-from dino_jax.train_step import DinoHParams, dino_update
+from dino_jax.train_step import DinoHParams
 
 N_STEPS = 3
 OUT_DIM = 64
@@ -105,25 +104,13 @@ def fixture_state(data, tx):
     )
 
 
-def crops_at(data, s):
-    crop = [nchw_to_nhwc(data[f"in/step{s}/crop{c}"]) for c in range(4)]
-    return (jnp.stack(crop[:2], axis=1), jnp.stack(crop[2:], axis=1))
-
-
 def run_official_steps(data, optimizer):
     """The fixture's steps through dino_update, with the official optimizer; the gradients
     of each step are kept in opt_state[0]."""
     sch = schedules(optimizer)
     tx = optax.chain(record_grads(), official_tx(optimizer, sch))
     hp = DinoHParams(model=network(), tx=tx, schedules=sch)
-    state = fixture_state(data, tx)
-    update = jax.jit(functools.partial(dino_update, hp=hp))
-    states, metrics = [state], []
-    for s in range(N_STEPS):
-        state, m = update(state, crops_at(data, s), jax.random.key(0))
-        states.append(state)
-        metrics.append(jax.device_get(m))
-    return states, metrics
+    return run_updates(hp, fixture_state(data, tx), data, N_STEPS)
 
 
 def bound(data, key: str) -> float:

@@ -1,12 +1,10 @@
 """Four official training steps reproduced in float32 (tests/fixtures/train_steps.npz)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers.parity import nchw_to_nhwc, train_steps_schedules
+from helpers.parity import official_crops, run_updates, train_steps_schedules
 
 from dino_jax.interop.state_dict import from_state_dict, to_state_dict
 from dino_jax.models import DINOHead, MultiCropNetwork, VisionTransformer
@@ -41,20 +39,9 @@ def official_setup(data, **optimizer_kw):
     return hp, state
 
 
-def crops_at(data, s):
-    crop = [nchw_to_nhwc(data[f"in/step{s}/crop{c}"]) for c in range(4)]
-    return (jnp.stack(crop[:2], axis=1), jnp.stack(crop[2:], axis=1))
-
-
 def run_official_steps(data, **optimizer_kw):
     hp, state = official_setup(data, **optimizer_kw)
-    update = jax.jit(functools.partial(dino_update, hp=hp))
-    states, metrics = [state], []
-    for s in range(N_STEPS):
-        state, m = update(state, crops_at(data, s), jax.random.key(0))
-        states.append(state)
-        metrics.append(jax.device_get(m))
-    return states, metrics
+    return run_updates(hp, state, data, N_STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +165,7 @@ def test_zeroing_the_frozen_gradient_would_not_match(data, run):
 
     step = jax.jit(zeroed_update)
     for s in range(N_STEPS):
-        state, _ = step(state, crops_at(data, s), jax.random.key(0))
+        state, _ = step(state, official_crops(data, s), jax.random.key(0))
     ours = np.asarray(state.student["head"]["last_layer"]["weight_v"]).T
     before = data["param/student/module.head.last_layer.weight_v"]
     assert rel_err(ours - before, official_v - before) > 1e-2

@@ -44,3 +44,30 @@ def train_steps_schedules():
         warmup_teacher_temp_epochs=3,
         freeze_last_layer=1,
     )
+
+
+def official_crops(data, s):
+    """The 2 global and 2 local crops of step `s` of a training-steps fixture, as our
+    (B, n, H, W, C) groups."""
+    import jax.numpy as jnp
+
+    crop = [nchw_to_nhwc(data[f"in/step{s}/crop{c}"]) for c in range(4)]
+    return (jnp.stack(crop[:2], axis=1), jnp.stack(crop[2:], axis=1))
+
+
+def run_updates(hp, state, data, n_steps):
+    """`n_steps` jitted dino_update calls on a fixture's crops: the states (the first one
+    included) and the host metrics of each step."""
+    import functools
+
+    import jax
+
+    from dino_jax.train_step import dino_update
+
+    update = jax.jit(functools.partial(dino_update, hp=hp))
+    states, metrics = [state], []
+    for s in range(n_steps):
+        state, m = update(state, official_crops(data, s), jax.random.key(0))
+        states.append(state)
+        metrics.append(jax.device_get(m))
+    return states, metrics
