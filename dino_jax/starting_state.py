@@ -11,6 +11,19 @@ from dino_jax.checkpoint import CheckpointError
 from dino_jax.state import TrainState
 
 
+def check_init_from(config) -> None:
+    """Refuse (CheckpointError) an init_from file that cannot start the configured model,
+    reading the file's structure only: nothing is built or compiled."""
+    if not config.init_from:
+        return
+    from dino_jax.interop import official
+
+    try:
+        official.check_init_from(config.init_from, config.model, config.aug.global_size)
+    except official.OfficialCheckpointError as err:  # its message names the file
+        raise CheckpointError(str(err)) from None
+
+
 def initial_state(run) -> TrainState:
     """A fresh sharded state, or one started from an official checkpoint (init_from)."""
     key = jax.random.key(run.config.seed)

@@ -29,10 +29,11 @@ from dino_jax.evaluate.during_training import TrainingEvaluator
 from dino_jax.metrics_log import MetricLogger
 from dino_jax.objective import Objective
 from dino_jax.preemption import Preemption
-from dino_jax.starting_state import initial_state
+from dino_jax.starting_state import check_init_from, initial_state
 from dino_jax.state import TrainState
 from dino_jax.train_step import DinoHParams, train_step
-from dino_jax.validation import DataSizes, check_sizes, validate
+from dino_jax.validation import validate
+from dino_jax.validation_sizes import DataSizes, check_sizes
 from dino_jax.workdir import WorkdirLock, check_not_held, check_usable
 
 _LOG = logging.getLogger(__name__)
@@ -169,19 +170,6 @@ def data_sizes(config: ml_collections.ConfigDict, data: pipeline.TrainData) -> D
             test=split_size(config, config.data.eval_test_split, data),
         )
     return sizes
-
-
-def check_init_from(config: ml_collections.ConfigDict) -> None:
-    """Refuse (CheckpointError) an init_from file that cannot start the configured model,
-    reading the file's structure only: nothing is built or compiled."""
-    if not config.init_from:
-        return
-    from dino_jax.interop import official
-
-    try:
-        official.check_init_from(config.init_from, config.model, config.aug.global_size)
-    except official.OfficialCheckpointError as err:  # its message names the file
-        raise CheckpointError(str(err)) from None
 
 
 def preflight(config: ml_collections.ConfigDict, workdir: str, mesh) -> pipeline.TrainData:

@@ -4,7 +4,6 @@ with what to change."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 
@@ -13,6 +12,7 @@ import numpy as np
 
 from dino_jax.config import ConfigError, closest_key, default_config, dotted, leaves
 from dino_jax.objective import CENTERINGS
+from dino_jax.validation_base import Errors
 from dino_jax.validation_model import (
     backbone_use_errors,
     input_multiple,
@@ -63,29 +63,8 @@ def seed_error(name: str, value) -> str | None:
     )
 
 
-class _Errors(list):
-    def check(self, ok: bool, message: str) -> None:
-        if not ok:
-            self.append(message)
-
-    def positive_int(self, name: str, value) -> None:
-        self.check(
-            isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            f"{name}={value!r}: must be a positive int",
-        )
-
-    def splits_over_devices(self, name: str, batch, num_devices: int) -> None:
-        """A positive batch size must split evenly over the devices."""
-        if isinstance(batch, int) and batch > 0:
-            self.check(
-                batch % num_devices == 0,
-                f"{name}={batch} is not divisible by the {num_devices} devices:"
-                f" use a multiple of {num_devices}",
-            )
-
-
 def dino_errors(d: ml_collections.ConfigDict) -> list[str]:
-    e = _Errors()
+    e = Errors()
     for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
         e.check(0.0 < d[key] <= 1.0, f"dino.{key}={d[key]}: a temperature in (0, 1] is needed")
     e.check(
@@ -109,7 +88,7 @@ def dino_errors(d: ml_collections.ConfigDict) -> list[str]:
 
 
 def optim_errors(o, d, num_devices: int, num_processes: int) -> list[str]:
-    e = _Errors()
+    e = Errors()
     e.positive_int("optim.batch_size", o.batch_size)
     e.positive_int("optim.epochs", o.epochs)
     e.splits_over_devices("optim.batch_size", o.batch_size, num_devices)
@@ -140,7 +119,7 @@ def optim_errors(o, d, num_devices: int, num_processes: int) -> list[str]:
 
 def aug_errors(a: ml_collections.ConfigDict, patch_size) -> list[str]:
     """The multi-crop settings (dino_jax.data.augment.MultiCropConfig is built from them)."""
-    e = _Errors()
+    e = Errors()
     for name in ("global_size", "local_size", "n_global"):
         e.check(a[name] >= 1, f"aug.{name} must be >= 1, got {a[name]}")
     e.check(a.n_local >= 0, f"aug.n_local must be >= 0, got {a.n_local}")
@@ -201,7 +180,7 @@ def aug_errors(a: ml_collections.ConfigDict, patch_size) -> list[str]:
 
 
 def data_errors(data: ml_collections.ConfigDict, seed: int, init_from: str) -> list[str]:
-    e = _Errors()
+    e = Errors()
     e.check(
         data.source in ("tfds", "folder", "demo", "synthetic"),
         f"data.source={data.source!r}: use tfds, folder, demo or synthetic",
@@ -238,7 +217,7 @@ def data_errors(data: ml_collections.ConfigDict, seed: int, init_from: str) -> l
 
 
 def train_errors(t: ml_collections.ConfigDict) -> list[str]:
-    e = _Errors()
+    e = Errors()
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         e.positive_int(f"train.{key}", t[key])
     if t.max_steps is not None:
@@ -248,7 +227,7 @@ def train_errors(t: ml_collections.ConfigDict) -> list[str]:
 
 
 def eval_errors(v: ml_collections.ConfigDict, patch_size, num_devices: int) -> list[str]:
-    e = _Errors()
+    e = Errors()
     e.check(v.knn_every_epochs >= 0, "eval.knn_every_epochs must be >= 0 (0: end only)")
     e.check(
         len(v.knn_ks) > 0 and all(isinstance(k, int) and k > 0 for k in v.knn_ks),
@@ -309,7 +288,7 @@ def evaluates(c: ml_collections.ConfigDict) -> bool:
 
 def crossed_errors(c: ml_collections.ConfigDict) -> list[str]:
     """Settings of different sections that contradict each other."""
-    e = _Errors()
+    e = Errors()
     if evaluates(c):
         e.check(
             bool(c.data.eval_train_split),
@@ -328,7 +307,7 @@ def crossed_errors(c: ml_collections.ConfigDict) -> list[str]:
 
 def config_warnings(c: ml_collections.ConfigDict) -> list[str]:
     """Legitimate settings that probably do not do what was meant."""
-    w = _Errors()
+    w = Errors()
     v = c.eval
     canvas = c.data.canvas_size
     # Images are shrunk to fit the canvas before cropping: a crop larger than the canvas is
@@ -358,93 +337,6 @@ def config_warnings(c: ml_collections.ConfigDict) -> list[str]:
                 " evaluates nothing",
             )
     return w
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSizes:
-    """Examples (all processes together) of each split a training run reads."""
-
-    train: int
-    steps_per_epoch: int
-    bank: int | None = None  # data.eval_train_split; None when the run does not evaluate
-    test: int | None = None  # data.eval_test_split
-
-
-def knn_size_errors(v: ml_collections.ConfigDict, data, bank: int, test: int) -> list[str]:
-    """eval.* against the sizes of the k-NN bank and test splits (`data`: config.data)."""
-    e = _Errors()
-    e.check(
-        test > 0,
-        f"data.eval_test_split={data.eval_test_split!r} has no examples: name a split to classify",
-    )
-    usable = min(bank, v.knn_max_train) if v.knn_max_train else bank
-    capped = f", eval.knn_max_train={v.knn_max_train}" if usable < bank else ""
-    too_large = sorted({k for k in v.knn_ks if k > usable})
-    fitting = sorted({k for k in v.knn_ks if k <= usable}) or [usable]
-    e.check(
-        not too_large,
-        f"eval.knn_ks={tuple(v.knn_ks)}: k = {', '.join(map(str, too_large))}"
-        f" {'exceeds' if len(too_large) == 1 else 'exceed'} the k-NN"
-        f" bank of {usable} images (data.eval_train_split={data.eval_train_split!r}{capped}): use"
-        f" --config.eval.knn_ks={','.join(map(str, fitting))}, or a larger bank",
-    )
-    return e
-
-
-def linear_size_errors(lin: ml_collections.ConfigDict, data, train: int, test: int) -> list[str]:
-    """linear.* against the sizes of the probe's training and validation splits."""
-    e = _Errors()
-    e.check(
-        test > 0,
-        f"data.eval_test_split={data.eval_test_split!r} has no examples: name a split to validate",
-    )
-    e.check(
-        lin.batch_size <= train,
-        f"linear.batch_size={lin.batch_size} is more than the {train} images of"
-        f" data.eval_train_split={data.eval_train_split!r}: lower it (a multiple of the devices)",
-    )
-    return e
-
-
-def size_errors(c: ml_collections.ConfigDict, sizes: DataSizes) -> list[str]:
-    """Settings that cannot work with the data's sizes."""
-    if sizes.bank is None or sizes.test is None:
-        return []
-    return knn_size_errors(c.eval, c.data, sizes.bank, sizes.test)
-
-
-def size_warnings(c: ml_collections.ConfigDict, sizes: DataSizes) -> list[str]:
-    """Settings that work with the data's sizes but probably not as meant."""
-    w = _Errors()
-    total = c.optim.epochs * sizes.steps_per_epoch
-    last = total if c.train.max_steps is None else min(total, c.train.max_steps)
-    t = c.train
-    w.check(
-        t.checkpoint_every_steps <= last,
-        f"train.checkpoint_every_steps={t.checkpoint_every_steps} is more than the {last} steps"
-        " this run trains: only its final checkpoint is written (a kill before it loses all)",
-    )
-    w.check(
-        t.log_every_steps <= last,
-        f"train.log_every_steps={t.log_every_steps} is more than the {last} steps this run"
-        " trains: no training metrics are logged",
-    )
-    if sizes.test is not None:
-        w.check(
-            c.eval.attention_images <= sizes.test,
-            f"eval.attention_images={c.eval.attention_images}: the test split has only"
-            f" {sizes.test} images, all of them are drawn",
-        )
-    return w
-
-
-def check_sizes(c: ml_collections.ConfigDict, sizes: DataSizes) -> list[str]:
-    """ConfigError listing the settings that cannot work with the data's sizes; else the
-    warnings (static ones included) for the caller to show."""
-    errors = size_errors(c, sizes)
-    if errors:
-        raise ConfigError("the configuration does not fit the data:\n  - " + "\n  - ".join(errors))
-    return config_warnings(c) + size_warnings(c, sizes)
 
 
 def _declared_type(reference: ml_collections.ConfigDict, name: str) -> type:

@@ -17,23 +17,18 @@ from dino_jax.models.backbones import (
 )
 from dino_jax.models.vit2 import FFNS
 from dino_jax.optim import OPTIMIZERS
+from dino_jax.validation_base import Errors
 
 DTYPES = ("float32", "bfloat16")
 RESNET_KEYS = ("resnet_stem_width", "resnet_widths", "resnet_depths")
 SIZE_KEYS = ("embed_dim", "depth", "num_heads")
 
 
-class _Errors(list):
-    def check(self, ok: bool, message: str) -> None:
-        if not ok:
-            self.append(message)
-
-
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _unset_unless(e: _Errors, m, keys, arch_kind: str, needed_for: str) -> None:
+def _unset_unless(e: Errors, m, keys, arch_kind: str, needed_for: str) -> None:
     for key in keys:
         e.check(
             m[key] is None,
@@ -42,7 +37,7 @@ def _unset_unless(e: _Errors, m, keys, arch_kind: str, needed_for: str) -> None:
         )
 
 
-def _named_sizes(e: _Errors, m, spec: dict, custom: str, with_patch: bool = False) -> None:
+def _named_sizes(e: Errors, m, spec: dict, custom: str, with_patch: bool = False) -> None:
     """A named architecture has its own sizes: a different one would be ignored silently;
     `with_patch`: the name fixes the patch size too (it must then be model.patch_size)."""
     for key in SIZE_KEYS:
@@ -59,7 +54,7 @@ def _named_sizes(e: _Errors, m, spec: dict, custom: str, with_patch: bool = Fals
         )
 
 
-def _custom_sizes(e: _Errors, m, custom: str) -> None:
+def _custom_sizes(e: Errors, m, custom: str) -> None:
     for key in SIZE_KEYS:
         e.check(
             _positive_int(m[key]),
@@ -72,7 +67,7 @@ def _custom_sizes(e: _Errors, m, custom: str) -> None:
         )
 
 
-def _vit_errors(e: _Errors, m) -> None:
+def _vit_errors(e: Errors, m) -> None:
     if m.arch in VIT_ARCHS:
         _named_sizes(e, m, VIT_ARCHS[m.arch], "custom")
     else:
@@ -80,7 +75,7 @@ def _vit_errors(e: _Errors, m) -> None:
     _unset_unless(e, m, RESNET_KEYS, "ViT", "resnet")
 
 
-def _xcit_errors(e: _Errors, m) -> None:
+def _xcit_errors(e: Errors, m) -> None:
     if m.arch in XCIT_ARCHS:
         _named_sizes(e, m, XCIT_ARCHS[m.arch], "xcit", with_patch=True)
     else:
@@ -93,7 +88,7 @@ def _xcit_errors(e: _Errors, m) -> None:
     _unset_unless(e, m, RESNET_KEYS, "XCiT", "resnet")
 
 
-def _dinov2_errors(e: _Errors, m) -> None:
+def _dinov2_errors(e: Errors, m) -> None:
     if m.arch in DINOV2_ARCHS:
         _named_sizes(e, m, DINOV2_ARCHS[m.arch], "dinov2", with_patch=True)
     else:
@@ -115,7 +110,7 @@ def _dinov2_errors(e: _Errors, m) -> None:
     )
 
 
-def _dinov2_options_unset(e: _Errors, m, kind: str) -> None:
+def _dinov2_options_unset(e: Errors, m, kind: str) -> None:
     """Registers, LayerScale, SwiGLU and DINOv2's resize exist in DINOv2's ViT only."""
     for key, (default, _) in DINOV2_OPTIONS.items():
         e.check(
@@ -126,7 +121,7 @@ def _dinov2_options_unset(e: _Errors, m, kind: str) -> None:
         )
 
 
-def _resnet_errors(e: _Errors, m) -> None:
+def _resnet_errors(e: Errors, m) -> None:
     for key in SIZE_KEYS:
         e.check(
             m[key] is None,
@@ -164,7 +159,7 @@ def _resnet_errors(e: _Errors, m) -> None:
 
 
 def model_errors(m: ml_collections.ConfigDict, platform: str | None = None) -> list[str]:
-    e = _Errors()
+    e = Errors()
     try:
         kind = family(m.arch)
     except ValueError:
@@ -225,7 +220,7 @@ def model_errors(m: ml_collections.ConfigDict, platform: str | None = None) -> l
 def optimizer_errors(o: ml_collections.ConfigDict) -> list[str]:
     """main_dino.py --optimizer: adamw (default), sgd or lars (a positive optim.lr is
     checked with the other optim values, for every optimiser)."""
-    e = _Errors()
+    e = Errors()
     e.check(
         o.optimizer in OPTIMIZERS,
         f"optim.optimizer={o.optimizer!r}: use one of {', '.join(OPTIMIZERS)}",
@@ -235,7 +230,7 @@ def optimizer_errors(o: ml_collections.ConfigDict) -> list[str]:
 
 def backbone_use_errors(c: ml_collections.ConfigDict) -> list[str]:
     """Settings elsewhere that only a ViT backbone can serve."""
-    e = _Errors()
+    e = Errors()
     try:
         kind = family(c.model.arch)
     except ValueError:

@@ -138,7 +138,7 @@ CASES = [
     ),
     Case(
         "settings are checked against the data's sizes before the work directory is made",
-        "dino_jax/validation.py",
+        "dino_jax/validation_sizes.py",
         "    if sizes.bank is None or sizes.test is None:\n        return []",
         "    if True:\n        return []",
         ("tests/test_bad_config.py", "-k", "bank"),
@@ -257,7 +257,7 @@ CASES = [
     ),
     Case(
         "init_from checked against the configured model's shapes",
-        "dino_jax/interop/official.py",
+        "dino_jax/interop/official_shapes.py",
         "    lines += architecture.differences(architecture.state_shapes(arch), found)\n",
         "",
         ("tests/test_init_from.py", "-k", "refuses_with_the_file"),
@@ -498,7 +498,7 @@ CASES = [
     ),
     Case(
         "an official file's num_batches_tracked must be an integer",
-        "dino_jax/interop/official.py",
+        "dino_jax/interop/official_shapes.py",
         'if name.endswith("num_batches_tracked") and not np.issubdtype(value.dtype, np.integer)',
         "if False",
         ("tests/test_interop_resnet_xcit.py", "-k", "float"),

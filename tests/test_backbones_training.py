@@ -6,12 +6,10 @@ import jax
 import numpy as np
 import pytest
 from helpers.parity import max_rel_err
-from helpers.states import assert_states_equal
+from helpers.states import assert_states_equal, steps_on_meshes
 from helpers.tiny import TINY_RESNET, TINY_XCIT, tiny_config
 
-from dino_jax import parallel
-from dino_jax.data.pipeline import to_global
-from dino_jax.trainer import build_run, compile_step, initial_state, train
+from dino_jax.trainer import train
 
 CONFIGS = {
     "resnet": {**TINY_RESNET, "optim.optimizer": "sgd", "optim.lr": 0.03},
@@ -33,16 +31,10 @@ def leaves_differ(a, b) -> bool:
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_sharded_steps_equal_single_device(name):
     config = config_for(name)
-    runs = {n: build_run(config, mesh=parallel.make_mesh(jax.devices()[:n])) for n in (8, 1)}
-    batches = [b for _, b in zip(range(3), iter(runs[8].data), strict=False)]
-    finals = {}
-    for n, run in runs.items():
-        state, step = initial_state(run), compile_step(run)
-        start_teacher_stats = jax.device_get(state.teacher_stats)  # the state is donated
-        for batch in batches:
-            state, _ = step(state, to_global(batch, run.mesh), jax.random.key(0))
-        finals[n] = state
-    eight, one = finals[8], finals[1]
+    n_steps = 3
+    runs = steps_on_meshes(config, n_steps)
+    eight, one = runs[8].final, runs[1].final
+    start_teacher_stats = runs[8].start.teacher_stats
     assert eight.student_stats and eight.teacher_stats  # BatchNorm state is in the train state
     # the teacher's statistics moved on their own batches: not a copy of the student's
     assert leaves_differ(eight.student_stats, eight.teacher_stats)
@@ -51,7 +43,7 @@ def test_sharded_steps_equal_single_device(name):
         jax.tree.map(lambda x: x if x.dtype == np.int32 else None, eight.student_stats)
     )
     # the student's BatchNorms run once on the global crops and once on the local crops
-    assert {int(c) for c in counts} == {2 * len(batches)}
+    assert {int(c) for c in counts} == {2 * n_steps}
     # float32 sums in another order (the batch statistics and gradients reduced over 8
     # shards): measured up to 1.5e-5 of a tensor's largest value, on BatchNorm gradients
     for path, x, y in paired_leaves(eight, one):

@@ -4,12 +4,11 @@ its teacher exports to the official DINOv2 state-dict names."""
 
 import jax
 import numpy as np
-from helpers.states import assert_states_equal
+from helpers.states import assert_states_equal, steps_on_meshes
 
-from dino_jax import cli, parallel
-from dino_jax.data.pipeline import to_global
+from dino_jax import cli
 from dino_jax.interop.dinov2 import load_dinov2_pth, save_dinov2_backbone
-from dino_jax.trainer import build_run, compile_step, initial_state, train
+from dino_jax.trainer import train
 
 # the demo recipe cut to test size: smaller batch and crops, a few steps
 SMALL = {
@@ -66,12 +65,5 @@ def test_steps_on_8_devices_equal_1():
     # (sums in another order over 8 shards) can pick another neighbour, a discontinuity of
     # the official loss itself
     c = config(**{"model.layerscale_init": 1.0})
-    runs = {n: build_run(c, mesh=parallel.make_mesh(jax.devices()[:n])) for n in (8, 1)}
-    batches = [b for _, b in zip(range(2), iter(runs[8].data), strict=False)]
-    finals = {}
-    for n, run in runs.items():
-        state, step = initial_state(run), compile_step(run)
-        for batch in batches:
-            state, _ = step(state, to_global(batch, run.mesh), jax.random.key(0))
-        finals[n] = state
-    assert_states_equal(finals[8], finals[1], rtol=1e-4, atol=1e-6)
+    runs = steps_on_meshes(c, 2)
+    assert_states_equal(runs[8].final, runs[1].final, rtol=1e-4, atol=1e-6)

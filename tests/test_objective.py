@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.states import steps_on_meshes
 from helpers.tiny import tiny_config
 
 from dino_jax.loss import dino_loss
@@ -107,21 +108,12 @@ def test_sinkhorn_and_koleo_objective_is_the_sum_of_its_parts():
 
 @pytest.mark.parametrize("chunks", [1, 8])
 def test_sinkhorn_and_koleo_steps_on_8_devices_equal_1(chunks):
-    from dino_jax import parallel
-    from dino_jax.data.pipeline import to_global
-    from dino_jax.trainer import build_run, compile_step, initial_state
-
     config = tiny_config(
         **{"dino.centering": "sinkhorn", "dino.koleo_weight": 0.1, "dino.koleo_chunks": chunks}
     )
-    runs = {n: build_run(config, mesh=parallel.make_mesh(jax.devices()[:n])) for n in (8, 1)}
-    batches = [b for _, b in zip(range(2), iter(runs[8].data), strict=False)]
-    finals, losses = {}, {}
-    for n, run in runs.items():
-        state, step = initial_state(run), compile_step(run)
-        for batch in batches:
-            state, metrics = step(state, to_global(batch, run.mesh), jax.random.key(0))
-        finals[n], losses[n] = jax.device_get(state), jax.device_get(metrics)
+    runs = steps_on_meshes(config, 2)
+    finals = {n: jax.device_get(run.final) for n, run in runs.items()}
+    losses = {n: run.metrics for n, run in runs.items()}
     np.testing.assert_allclose(losses[8]["train/koleo"], losses[1]["train/koleo"], rtol=1e-5)
     np.testing.assert_allclose(losses[8]["train/loss"], losses[1]["train/loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(finals[8]), jax.tree.leaves(finals[1]), strict=True):

@@ -1,13 +1,15 @@
 """The update rules of dino_jax.optim on tiny arrays, against values derived by hand (and
 against torch.optim.SGD where PyTorch is installed)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.parity import train_steps_schedules
 
 from dino_jax.optim import OPTIMIZERS, dino_optimizer, lars, torch_sgd
-from dino_jax.schedules import Schedules
 
 LR, WD = 0.5, 0.25  # exact in float32: the hand-derived values below are exact too
 
@@ -128,21 +130,8 @@ def test_skipped_leaf_keeps_value_and_buffer(make):
 
 
 def schedules(**kw):
-    base = dict(
-        steps_per_epoch=2,
-        epochs=10,
-        base_lr=0.1,
-        min_lr=1e-3,
-        warmup_epochs=1,
-        weight_decay=0.04,
-        weight_decay_end=0.4,
-        momentum_teacher=0.996,
-        teacher_temp=0.07,
-        warmup_teacher_temp=0.04,
-        warmup_teacher_temp_epochs=3,
-        freeze_last_layer=1,
-    )
-    return Schedules(**{**base, **kw})
+    """train_steps.npz's schedules with a larger learning rate, so that updates show."""
+    return dataclasses.replace(train_steps_schedules(), base_lr=0.1, min_lr=1e-3, **kw)
 
 
 def head_params():

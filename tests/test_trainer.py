@@ -9,7 +9,7 @@ import time
 
 import jax
 import pytest
-from helpers.states import assert_states_equal
+from helpers.states import assert_states_equal, steps_on_meshes
 from helpers.tiny import tiny_config
 from helpers.xla import xla_flags
 
@@ -22,15 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_sharded_step_equals_single_device_and_compiles_once():
     config = tiny_config()
-    runs = {n: build_run(config, mesh=parallel.make_mesh(jax.devices()[:n])) for n in (8, 1)}
-    batches = [b for _, b in zip(range(3), iter(runs[8].data), strict=False)]
-    finals = {}
-    for n, run in runs.items():
-        state, step = initial_state(run), compile_step(run)
-        for batch in batches:
-            state, _ = step(state, to_global(batch, run.mesh), jax.random.key(0))
-        assert step._cache_size() == 1  # one compilation for every step
-        finals[n] = state
+    runs = steps_on_meshes(config, 3)
+    for run in runs.values():
+        assert run.step._cache_size() == 1  # one compilation for every step
+    finals = {n: run.final for n, run in runs.items()}
     student = finals[8].student["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"]
     assert len(student.sharding.device_set) == 8
     assert_states_equal(finals[8], finals[1], rtol=1e-5, atol=1e-6)

@@ -100,7 +100,8 @@ def xla_flops(compiled) -> float | None:
 
 def run(config, steps: int, warmup: int) -> dict:
     from dino_jax.data.pipeline import to_global
-    from dino_jax.trainer import build_run, check_init_from, compile_step, initial_state
+    from dino_jax.starting_state import check_init_from
+    from dino_jax.trainer import build_run, compile_step, initial_state
 
     # The trainer's own state and compiled step, fed from the in-memory synthetic source
     # (1,000 steps per epoch for the schedules).

@@ -232,7 +232,7 @@ def cached_size(features_dir: str | None, split: str) -> int | None:
 def size_errors(config, command: str, features_dir: str | None = None) -> list[str]:
     """The settings that cannot work with the sizes of the splits: each split is opened
     (listed) now, before any feature is computed, unless its features are saved already."""
-    from dino_jax import validation as checks
+    from dino_jax import validation_sizes as checks
     from dino_jax.data.pipeline import eval_data
 
     def size(split: str) -> int:

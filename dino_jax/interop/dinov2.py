@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dino_jax.interop.official import FLOAT_DTYPES, OfficialCheckpointError
+from dino_jax.interop.official_shapes import FLOAT_DTYPES, OfficialCheckpointError
 from dino_jax.interop.pth import TensorInfo, open_pth
 from dino_jax.interop.state_dict import from_state_dict
 from dino_jax.models.vit2 import DINOV2_ARCHS, DinoVisionTransformer

@@ -2,9 +2,9 @@
 ViT, a ResNet or an XCiT (export: official_export.py, re-exported here).
 
 Reading goes through `pth.open_pth` (no PyTorch, no code from the file): the pickle is read
-first, the shapes of the state dicts are checked against the architecture (the configured
-model's, or the one the file's own tensors declare), and only then are the tensors that are
-used read. Architecture sizes are read off the tensor shapes; only a ViT's number of heads
+first, the shapes of the state dicts are checked against the architecture (official_shapes.py:
+the configured model's, or the one the file's own tensors declare), and only then are the
+tensors that are used read. Architecture sizes are read off the tensor shapes; only a ViT's number of heads
 is not in the shapes: it comes from an argument, the checkpoint's `args.arch`, or the
 official size for the width. BatchNorm buffers come back as Flax `batch_stats` trees.
 """
@@ -17,12 +17,9 @@ import os
 from collections.abc import Collection, Mapping
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
-from dino_jax.interop import architecture
-from dino_jax.interop.architecture import AnyArchitecture, Architecture
-from dino_jax.interop.architecture_common import flag_value
+from dino_jax.interop.architecture import AnyArchitecture
 from dino_jax.interop.official_export import (
     official_state_dict,
     save_official_backbone,
@@ -34,9 +31,15 @@ from dino_jax.interop.official_models import (
     infer_backbone,
     infer_head,
 )
-from dino_jax.interop.pth import Namespace, PthError, PthFile, TensorInfo, open_pth
+from dino_jax.interop.official_shapes import (
+    FileContents,
+    OfficialCheckpointError,
+    check_shapes,
+    file_architecture,
+    tensor_shape,
+)
+from dino_jax.interop.pth import Namespace, PthError, PthFile, open_pth
 from dino_jax.interop.state_dict import BN_BUFFERS, from_state_dict
-from dino_jax.models.vit import ARCHS
 
 __all__ = [
     "HEADS_BY_WIDTH",
@@ -53,20 +56,10 @@ __all__ = [
     "save_official_checkpoint",
 ]
 
-# Weights and BatchNorm statistics are floating point; an int or bool "weight" is damage.
-FLOAT_DTYPES = frozenset(
-    np.dtype(t) for t in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64)
-)
 # The storages read for the tensors used may hold at most this much more than those tensors
 # (a small weight that is a view into a huge storage would otherwise read all of it).
 MAX_STORAGE_OVERHEAD = 2
 STORAGE_OVERHEAD_SLACK = 64 << 20
-_SHOWN = 6  # differences listed in a message
-
-
-class OfficialCheckpointError(PthError):
-    """The file is not an official DINO checkpoint this code can use (or not one of the
-    configured model); the message names the file, what is wrong and what to do."""
 
 
 @dataclasses.dataclass
@@ -86,26 +79,6 @@ class OfficialCheckpoint:
     architecture: AnyArchitecture | None = None  # what the file's own tensors declare
 
 
-def _shape(value: Any) -> tuple[int, ...] | None:
-    """The shape of a tensor (read or not), None for anything else."""
-    if isinstance(value, TensorInfo | np.ndarray):
-        return tuple(value.shape)
-    return None
-
-
-@dataclasses.dataclass
-class _Contents:
-    """The parts of an official file, checked for type (tensors may be TensorInfo)."""
-
-    teacher: dict[str, Any]  # normalised names: backbone.* / head.*
-    student: dict[str, Any] | None
-    student_raw: Mapping[str, Any] | None  # as saved (the optimiser is keyed by these names)
-    center: Any
-    epoch: int | None
-    args: Namespace | None
-    optimizer: Mapping[str, Any] | None
-
-
 def _state_dict(obj: Any, what: str, path: str) -> dict[str, Any]:
     """A state dict with or without DDP/wrapper prefixes, as backbone.* / head.* names."""
     if not isinstance(obj, Mapping):
@@ -114,7 +87,7 @@ def _state_dict(obj: Any, what: str, path: str) -> dict[str, Any]:
         )
     state = {}
     for name, value in obj.items():
-        if not isinstance(name, str) or _shape(value) is None:
+        if not isinstance(name, str) or tensor_shape(value) is None:
             raise OfficialCheckpointError(
                 f"{path}: the {what} state dict has an entry {name!r:.80} that is not a "
                 f"tensor ({type(value).__name__})"
@@ -135,7 +108,7 @@ def _state_dict(obj: Any, what: str, path: str) -> dict[str, Any]:
     return state
 
 
-def _contents(raw: Any, path: str) -> _Contents:
+def _contents(raw: Any, path: str) -> FileContents:
     if not isinstance(raw, Mapping):
         raise OfficialCheckpointError(
             f"{path}: expected a dict of tensors, found {type(raw).__name__}"
@@ -143,7 +116,7 @@ def _contents(raw: Any, path: str) -> _Contents:
     if "teacher" not in raw:  # backbone-only files (*_pretrain.pth), maybe under one key
         state = raw.get("state_dict", raw.get("model", raw))
         teacher = _state_dict(state, "backbone", path)
-        return _Contents(teacher, None, None, None, None, None, None)
+        return FileContents(teacher, None, None, None, None, None, None)
     teacher = _state_dict(raw["teacher"], "teacher", path)
     student_raw = raw.get("student")
     student = None if student_raw is None else _state_dict(student_raw, "student", path)
@@ -151,14 +124,14 @@ def _contents(raw: Any, path: str) -> _Contents:
     if not isinstance(loss, Mapping):
         raise OfficialCheckpointError(f"{path}: dino_loss is a {type(loss).__name__}, not a dict")
     center = loss.get("center")
-    if center is not None and _shape(center) is None:
+    if center is not None and tensor_shape(center) is None:
         raise OfficialCheckpointError(f"{path}: dino_loss.center is not a tensor")
     epoch = raw.get("epoch")
     if epoch is not None and (type(epoch) is not int or epoch < 0):
         raise OfficialCheckpointError(f"{path}: epoch {epoch!r:.40} is not a non-negative int")
     args = raw.get("args")
     optimizer = raw.get("optimizer") if student is not None else None
-    return _Contents(
+    return FileContents(
         teacher=teacher,
         student=student,
         student_raw=student_raw,
@@ -182,12 +155,14 @@ def _adam_names(student_state: Mapping[str, Any], norm_last_layer: bool) -> list
         if n.rsplit(".", 1)[-1] not in BN_BUFFERS
         and not (norm_last_layer and n.endswith("last_layer.weight_g"))
     ]
-    decayed = [n for n in names if not n.endswith(".bias") and len(_shape(student_state[n])) > 1]
+    decayed = [
+        n for n in names if not n.endswith(".bias") and len(tensor_shape(student_state[n])) > 1
+    ]
     others = [n for n in names if n not in set(decayed)]
     return decayed + others
 
 
-def _adam_state(contents: _Contents, path: str) -> dict[int, tuple[str, Mapping[str, Any]]]:
+def _adam_state(contents: FileContents, path: str) -> dict[int, tuple[str, Mapping[str, Any]]]:
     """Index -> (parameter name, its AdamW state), each tensor checked against the parameter."""
     optimizer = contents.optimizer
     state = optimizer.get("state", {}) if isinstance(optimizer, Mapping) else None
@@ -202,9 +177,9 @@ def _adam_state(contents: _Contents, path: str) -> dict[int, tuple[str, Mapping[
                 f"{path}: optimizer state does not match the student's parameters"
             )
         name = names[index]
-        expected = _shape(contents.student_raw[name])
+        expected = tensor_shape(contents.student_raw[name])
         for key, value in entry.items():
-            shape = _shape(value)
+            shape = tensor_shape(value)
             if shape is not None and not (
                 math.prod(shape) <= 1 if key == "step" else shape == expected
             ):
@@ -216,167 +191,12 @@ def _adam_state(contents: _Contents, path: str) -> dict[int, tuple[str, Mapping[
     return out
 
 
-def _file_architecture(contents: _Contents) -> AnyArchitecture | None:
-    try:
-        return architecture.from_state_shapes({n: _shape(v) for n, v in contents.teacher.items()})
-    except ValueError:
-        return None
-
-
-def _heads_problem(
-    contents: _Contents, arch: AnyArchitecture, file_arch: AnyArchitecture | None, m: Any
-) -> list[str]:
-    """A ViT's number of heads is not in the shapes; the file's args.arch may still tell it."""
-    if not (isinstance(arch, Architecture) and isinstance(file_arch, Architecture)):
-        return []  # an XCiT's heads are in its shapes; a ResNet has none
-    trained = getattr(contents.args, "arch", None)
-    spec = ARCHS.get(trained, {}) if isinstance(trained, str) else {}
-    if spec.get("embed_dim") != file_arch.embed_dim:
-        return []
-    heads = ARCHS[m.arch]["num_heads"] if m.arch in ARCHS else m.num_heads
-    if heads == spec["num_heads"]:
-        return []
-    return [
-        f"the file was trained as {trained} with {spec['num_heads']} attention heads, the config "
-        f"has {heads}: set --config.model.num_heads={spec['num_heads']}"
-    ]
-
-
-def _configured(key: str, model_config: Any, ours: Mapping[str, Any]) -> Any:
-    """The configured value of a dotted setting: config.model's own, else the architecture's
-    (the crop size, which is not in config.model)."""
-    section, _, leaf = key.partition(".")
-    value = getattr(model_config, leaf, None) if section == "model" else ours.get(key)
-    return tuple(value) if isinstance(value, list) else value
-
-
-def _mismatch_message(
-    path: str,
-    problems: list[str],
-    wanted: AnyArchitecture,
-    found: AnyArchitecture | None,
-    model_config: Any,
-) -> str:
-    shown = "\n  - ".join(problems[:_SHOWN])
-    more = f"\n  - ... and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
-    text = (
-        f"{path} does not fit the configured model, {architecture.describe(wanted)}:\n"
-        f"  - {shown}{more}\n"
-    )
-    if found is None:
-        return text + "Give an official DINO checkpoint of the configured model."
-    ours, theirs = architecture.settings_for(wanted), architecture.settings_for(found)
-    changes = [
-        f"--config.{k}={flag_value(v)}"
-        for k, v in theirs.items()
-        if _configured(k, model_config, ours) != v
-    ]
-    text += f"The file holds {architecture.describe(found)}."
-    if changes:
-        return (
-            text + " To start from it, set " + " ".join(changes) + "; or give a checkpoint "
-            "of the configured model."
-        )
-    return text + " Not all of its tensors fit that: give a complete, unedited checkpoint."
-
-
-def _target_architecture(
-    contents: _Contents, path: str, model_config: Any, img_size: int | None
-) -> AnyArchitecture:
-    """The architecture the file must have: the configured model's (its position grid taken
-    from the file when no crop size is given), or the one the file's own tensors declare."""
-    teacher = {name: _shape(value) for name, value in contents.teacher.items()}
-    if model_config is None:
-        try:
-            return architecture.from_state_shapes(teacher)
-        except ValueError as err:
-            raise OfficialCheckpointError(f"{path}: {err}") from None
-    try:
-        arch = architecture.from_model_config(model_config, img_size)
-    except (ValueError, KeyError, AttributeError, TypeError) as err:
-        raise OfficialCheckpointError(
-            f"{path}: cannot check it against the model config ({err})"
-        ) from None
-    if not any(name.startswith("head.") for name in teacher):
-        arch = dataclasses.replace(arch, head=None)  # backbone weights: the head starts fresh
-    if isinstance(arch, Architecture) and arch.grid is None:
-        grid = architecture.pos_grid(teacher.get("backbone.pos_embed"), arch.embed_dim)
-        arch = dataclasses.replace(arch, grid=grid)
-    return arch
-
-
-def _network_problems(arch: AnyArchitecture, state: Mapping[str, Any], what: str) -> list[str]:
-    found = {name: _shape(value) for name, value in state.items()}
-    lines = []
-    # a configured ViT takes any square grid, and the file has none
-    if isinstance(arch, Architecture) and arch.grid is None:
-        shape = found.pop("backbone.pos_embed", None)
-        lines.append(
-            f"backbone.pos_embed has shape {shape}, not (1, 1 + g*g, {arch.embed_dim}) for a "
-            f"square grid of side g <= {architecture.MAX_POS_GRID}"
-        )
-    lines += architecture.differences(architecture.state_shapes(arch), found)
-    lines += [
-        f"{name} holds {value.dtype}, not floating point"
-        for name, value in state.items()
-        if not name.endswith("num_batches_tracked") and np.dtype(value.dtype) not in FLOAT_DTYPES
-    ]
-    lines += [
-        f"{name} holds {value.dtype}, not an integer count"
-        for name, value in state.items()
-        if name.endswith("num_batches_tracked") and not np.issubdtype(value.dtype, np.integer)
-    ]
-    return [f"{what}: {line}" for line in lines]
-
-
-_ARTICLE = {"ViT": "a ViT", "ResNet": "a ResNet", "XCiT": "an XCiT"}
-
-
-def _family_problem(arch: AnyArchitecture, file_arch: AnyArchitecture | None) -> list[str]:
-    if file_arch is None or type(file_arch) is type(arch):
-        return []
-    ours, theirs = (_ARTICLE[architecture.backbone_family(a)] for a in (arch, file_arch))
-    return [f"the file holds {theirs} backbone, the configured model is {ours}"]
-
-
-def _check_shapes(
-    contents: _Contents, path: str, model_config: Any, img_size: int | None
-) -> AnyArchitecture:
-    """Raise OfficialCheckpointError unless every network entry has the architecture's shape
-    and a floating-point type; returns that architecture."""
-    arch = _target_architecture(contents, path, model_config, img_size)
-    file_arch = _file_architecture(contents)
-    problems = _network_problems(arch, contents.teacher, "teacher")
-    if contents.student is not None:
-        problems += _network_problems(arch, contents.student, "student")
-    if family := _family_problem(arch, file_arch):  # tensor by tensor would say little more
-        problems = [*family, f"{len(problems)} state-dict entries differ from the model's"]
-    if model_config is not None:
-        problems += _heads_problem(contents, arch, file_arch, model_config)
-    out_dim = arch.head.out_dim if arch.head is not None else None
-    if out_dim is None and model_config is not None:
-        out_dim = model_config.out_dim  # a backbone file: the center must fit the fresh head
-    center = _shape(contents.center)
-    if center is not None and out_dim is not None and center != (1, out_dim):
-        problems.append(f"dino_loss.center has shape {center}, expected (1, {out_dim})")
-    if problems and model_config is not None:
-        raise OfficialCheckpointError(
-            _mismatch_message(path, problems, arch, file_arch, model_config)
-        )
-    if problems:
-        raise OfficialCheckpointError(
-            f"{path}: its tensors do not form one DINO network ({architecture.describe(arch)}):"
-            + "".join(f"\n  - {line}" for line in problems[:_SHOWN])
-        )
-    return arch
-
-
-def _used_tensors(contents: _Contents, networks: Collection[str], adam: dict | None) -> list:
+def _used_tensors(contents: FileContents, networks: Collection[str], adam: dict | None) -> list:
     tensors = [*contents.teacher.values()] if "teacher" in networks else []
     tensors += [*(contents.student or {}).values()] if "student" in networks else []
     tensors += [contents.center] if contents.center is not None else []
     for _, entry in (adam or {}).values():
-        tensors += [v for v in entry.values() if _shape(v) is not None]
+        tensors += [v for v in entry.values() if tensor_shape(v) is not None]
     return tensors
 
 
@@ -399,7 +219,7 @@ def _plan(
     """The checked file and the storages to read, from the pickle alone."""
     pth = open_pth(path)
     contents = _contents(pth.tree, path)
-    _check_shapes(contents, path, model_config, img_size)
+    check_shapes(contents, path, model_config, img_size)
     adam = _adam_state(contents, path) if optimizer and contents.optimizer is not None else None
     return pth, _storages_to_read(pth, _used_tensors(contents, networks, adam), path)
 
@@ -434,7 +254,7 @@ def load_official(
     pth, keys = _plan(path, model_config, img_size, networks, optimizer)
     contents = _contents(pth.load(keys), path)
     ckpt = OfficialCheckpoint(
-        {}, epoch=contents.epoch, args=contents.args, architecture=_file_architecture(contents)
+        {}, epoch=contents.epoch, args=contents.args, architecture=file_architecture(contents)
     )
     if "teacher" in networks:
         ckpt.teacher, ckpt.teacher_stats = _trees(contents.teacher, "teacher", path)
