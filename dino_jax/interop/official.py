@@ -4,9 +4,10 @@ ViT, a ResNet or an XCiT (export: official_export.py, re-exported here).
 Reading goes through `pth.open_pth` (no PyTorch, no code from the file): the pickle is read
 first, the shapes of the state dicts are checked against the architecture (official_shapes.py:
 the configured model's, or the one the file's own tensors declare), and only then are the
-tensors that are used read. Architecture sizes are read off the tensor shapes; only a ViT's number of heads
-is not in the shapes: it comes from an argument, the checkpoint's `args.arch`, or the
-official size for the width. BatchNorm buffers come back as Flax `batch_stats` trees.
+tensors that are used read. Architecture sizes are read off the tensor shapes; only a ViT's
+number of heads is not in the shapes: it comes from an argument, the checkpoint's
+`args.arch`, or the official size for the width. BatchNorm buffers come back as Flax
+`batch_stats` trees.
 """
 
 from __future__ import annotations
