@@ -1,4 +1,4 @@
-"""Demo with the DINOv2 pieces: the demo's run with DINOv2's ViT and loss options.
+"""Demo with the DINOv2 pieces: the demo's run with DINOv2's ViT and its loss terms.
 
 Command:   python train.py --config=demo_dinov2
 Hardware:  any CPU, as configs/demo.py.
@@ -15,6 +15,11 @@ Everything is configs/demo.py but:
   model.interpolate_antialias = True
   dino.centering = "sinkhorn"        Sinkhorn-Knopp teacher targets (DINOv2's sinkhorn_knopp)
   dino.koleo_weight = 0.1            KoLeo (DINOv2's koleo_loss_weight)
+  dino.ibot_weight = 1.0             iBOT's masked-patch loss (DINOv2's ibot.loss_weight), block
+                                     masks on half the global crops, 10-50% of their patches
+                                     (ibot.mask_sample_probability, ibot.mask_ratio_min_max)
+  dino.ibot_separate_head = True     a patch head of its own, as DINOv2's ViT-L/14 and ViT-g/14
+                                     recipes (dinov2/configs/train/vitl14.yaml)
   eval.attention_images = 0          attention maps are DINO's ViT's
 """
 
@@ -33,5 +38,7 @@ def get_config():
     c.model.interpolate_antialias = True
     c.dino.centering = "sinkhorn"
     c.dino.koleo_weight = 0.1
+    c.dino.ibot_weight = 1.0
+    c.dino.ibot_separate_head = True
     c.eval.attention_images = 0
     return c

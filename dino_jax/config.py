@@ -80,6 +80,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.ffn = "mlp"  # mlp | swiglufused
     c.model.interpolate_offset = 0.1  # position-embedding resize: scale (n + offset) / grid
     c.model.interpolate_antialias = False  # the antialiased bicubic resize
+    # DINOv3's ViT (arch = dinov3_vits16 | dinov3_vitb16 | dinov3_vitl16 | dinov3 with the
+    # sizes above): RoPE in every block instead of a learned position embedding. Its storage
+    # tokens, LayerScale and feed-forward are the three settings above (ffn: mlp | swiglu |
+    # swiglu32 | swiglu64 | swiglu128); the RoPE settings are its alone
+    c.model.rope_base = 100.0  # periods base ** (4i / head_dim); or min/max periods below
+    c.model.rope_min_period = config_dict.placeholder(float)
+    c.model.rope_max_period = config_dict.placeholder(float)
+    c.model.rope_normalize_coords = "separate"  # separate | max | min
+    c.model.rope_shift_coords = config_dict.placeholder(float)  # training augmentations
+    c.model.rope_jitter_coords = config_dict.placeholder(float)
+    c.model.rope_rescale_coords = config_dict.placeholder(float)
+    c.model.rope_dtype = "fp32"  # fp32 | bf16: the arithmetic of sin / cos and the rotation
     c.model.drop_path_rate = 0.1
     c.model.out_dim = 65536
     c.model.norm_last_layer = True
@@ -106,6 +118,26 @@ def default_config() -> ml_collections.ConfigDict:
     # KoLeo's neighbours: 1 = over the global batch; N = within N equal chunks of it (the
     # official per-GPU computation: N = the official run's GPU count)
     c.dino.koleo_chunks = 1
+    # iBOT's masked-patch loss (DINOv2: weight 1.0): block masks on the student's global crops,
+    # the teacher's patch tokens as targets, centred as dino.centering says
+    c.dino.ibot_weight = 0.0
+    c.dino.ibot_mask_ratio = (0.1, 0.5)  # masked fraction of a masked crop: spread over this
+    c.dino.ibot_mask_probability = 0.5  # fraction of global crops that get a mask
+    c.dino.ibot_separate_head = False  # a head of its own for patches (else the DINO head's)
+    c.dino.ibot_out_dim = 0  # its prototypes with a separate head; 0: model.out_dim
+    # masks are drawn per chunk of the global batch, N equal chunks (the official draws them
+    # per GPU: N = the official run's GPU count; a multiple of the devices keeps gathers local)
+    c.dino.ibot_chunks = 1
+    # DINOv3's Gram anchoring: the student's patch similarities pulled to those of a frozen
+    # copy of the EMA teacher, taken at gram_start_step and again every gram_update_every
+    c.dino.gram_weight = 0.0
+    c.dino.gram_start_step = 0
+    c.dino.gram_update_every = 0  # 0: never refreshed after the first copy
+    c.dino.gram_img_level = False  # one Gram per image; else one per chunk of the batch
+    c.dino.gram_tokens = "all"  # all | masked | unmasked (the iBOT masks' patches)
+    c.dino.gram_remove_neg = False
+    c.dino.gram_remove_only_teacher_neg = False
+    c.dino.gram_chunks = 1  # batch-level Grams over N equal chunks (official: per GPU)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.optimizer = "adamw"  # adamw | sgd | lars (main_dino.py --optimizer)

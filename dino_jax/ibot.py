@@ -103,6 +103,23 @@ def update_patch_center(
     return jnp.where(count > 0, new, center)
 
 
+def update_patch_center_per_chunk(
+    center: jax.Array, teacher_logits: jax.Array, valid: jax.Array, momentum: float = 0.9
+) -> jax.Array:
+    """update_patch_center with the official reduction: teacher_logits (n_chunks, tokens, K),
+    valid (n_chunks, tokens); each chunk's (an official GPU's) mean over its masked tokens,
+    averaged over the chunks that have any. With one chunk this is update_patch_center."""
+    valid = (valid != 0).astype(jnp.float32)
+    counts = jnp.sum(valid, axis=1)  # (n_chunks,)
+    sums = jnp.einsum("cn,cnk->ck", valid, teacher_logits.astype(jnp.float32), precision=_HI)
+    means = sums / jnp.maximum(counts, 1.0)[:, None]
+    present = (counts > 0).astype(jnp.float32)
+    n_present = jnp.sum(present)
+    batch_center = jnp.einsum("c,ck->k", present, means, precision=_HI) / jnp.maximum(n_present, 1)
+    new = center * momentum + batch_center.reshape(center.shape) * (1.0 - momentum)
+    return jnp.where(n_present > 0, new, center)
+
+
 def sinkhorn_knopp_teacher(
     teacher_logits: jax.Array, temp, valid: jax.Array, n_iterations: int = 3
 ) -> jax.Array:

@@ -15,7 +15,8 @@ dino_jax:
 
 The built-in objectives are built from config (`objective_from_config`): DINO's cross-entropy
 with the teacher centred by its EMA center (the official DINO) or by Sinkhorn-Knopp (DINOv2),
-plus DINOv2's KoLeo regulariser with its weight.
+plus, each with its weight, DINOv2's KoLeo regulariser, iBOT's masked-patch loss and DINOv3's
+Gram anchoring.
 """
 
 from __future__ import annotations
@@ -40,6 +41,22 @@ class StepOutputs:
     center: jax.Array  # (1, K): the EMA center before this step moves it
     teacher_temp: jax.Array  # this step's teacher temperature
     step: jax.Array  # int32: updates done before this one
+    # ViT backbones: the global crops' final-norm patch tokens, (n_global, B, N, D); the
+    # student's come from its masked input when iBOT is on. None for a ResNet.
+    student_patch_tokens: jax.Array | None = None
+    teacher_patch_tokens: jax.Array | None = None
+    # iBOT (dino.ibot_weight > 0), else None: the masks of the global crops (n_global, B, N)
+    # bool; the patch head's logits on the gathered masked tokens, (n_chunks, capacity, K_p),
+    # student's and teacher's; their weights (n_chunks, capacity): the collate's masks_weight,
+    # 0 on padding slots; and the patch center before this step moves it, (1, K_p).
+    patch_masks: jax.Array | None = None
+    student_patch_logits: jax.Array | None = None
+    teacher_patch_logits: jax.Array | None = None
+    patch_weights: jax.Array | None = None
+    patch_center: jax.Array | None = None
+    # Gram anchoring (dino.gram_weight > 0), else None: the frozen Gram teacher's patch
+    # tokens of the global crops, (n_global, B, N, D)
+    gram_patch_tokens: jax.Array | None = None
 
 
 Objective = Callable[[StepOutputs], tuple[jax.Array, dict[str, jax.Array]]]
@@ -87,6 +104,75 @@ def koleo_term(num_chunks: int = 1):
     return term
 
 
+def patch_targets(out: StepOutputs, centering: str = "ema") -> jax.Array:
+    """The teacher's targets for the masked patches: softmax around the patch center, or
+    Sinkhorn-Knopp over every masked token of the batch (padding slots get zeros)."""
+    from dino_jax import ibot
+
+    if centering == "ema":
+        return ibot.softmax_center_teacher(
+            out.teacher_patch_logits, out.patch_center, out.teacher_temp
+        )
+    valid = out.patch_weights != 0
+    return ibot.sinkhorn_knopp_teacher(out.teacher_patch_logits, out.teacher_temp, valid)
+
+
+def ibot_term(student_temp: float = 0.1, centering: str = "ema"):
+    """iBOT's masked-patch cross-entropy (DINOv2's iBOTPatchLoss.forward_masked): for each
+    masked token of a global crop, the teacher's target against the student's softmax, each
+    crop's tokens weighted 1 / (its masked count), summed and divided by the number of
+    global-crop images of the batch (masked or not). DINOv2 scales it by 2 / n_global = 1."""
+    from dino_jax.ibot import ibot_patch_loss
+
+    def term(out: StepOutputs) -> jax.Array:
+        q = jax.lax.stop_gradient(patch_targets(out, centering))
+        n_images = out.teacher_logits.shape[0] * out.teacher_logits.shape[1]
+        return ibot_patch_loss(
+            out.student_patch_logits, q, out.patch_weights, n_images, student_temp=student_temp
+        )
+
+    return term
+
+
+def gram_term(
+    *,
+    start_step: int = 0,
+    img_level: bool = False,
+    tokens: str = "all",
+    remove_neg: bool = False,
+    remove_only_teacher_neg: bool = False,
+    chunks: int = 1,
+):
+    """DINOv3's Gram anchoring (dinov3/loss/gram_loss.py) between the student's and the
+    frozen Gram teacher's normalised patch tokens of the global crops; 0 before
+    `start_step`. Batch-level Grams (img_level False) are over `chunks` equal chunks of the
+    images, both global crops of each image together (the official: per GPU); `tokens`
+    "masked" / "unmasked" keeps only the iBOT-masked / unmasked patches in them."""
+    from dino_jax.gram import gram_loss
+
+    def term(out: StepOutputs) -> jax.Array:
+        # image-major, so a chunk of rows holds whole images with both crops
+        student = jnp.swapaxes(out.student_patch_tokens, 0, 1)  # (B, n_global, N, D)
+        teacher = jnp.swapaxes(out.gram_patch_tokens, 0, 1)
+        selected = None
+        if tokens != "all":
+            masks = jnp.swapaxes(out.patch_masks, 0, 1)
+            selected = masks if tokens == "masked" else ~masks
+        group = None if img_level else student.shape[0] * student.shape[1] // chunks
+        value = gram_loss(
+            student,
+            teacher,
+            img_level=img_level,
+            remove_neg=remove_neg,
+            remove_only_teacher_neg=remove_only_teacher_neg,
+            group_size=group,
+            token_mask=selected,
+        )
+        return jnp.where(out.step >= start_step, value, 0.0)
+
+    return term
+
+
 def with_term(objective: Objective, term, weight: float, name: str) -> Objective:
     """`objective` plus `weight * term(outputs)`, the term logged as `name`."""
 
@@ -103,6 +189,19 @@ def objective_from_config(d) -> Objective:
     objective = dino_objective(d.student_temp, d.centering)
     if d.koleo_weight:
         objective = with_term(objective, koleo_term(d.koleo_chunks), d.koleo_weight, "train/koleo")
+    if d.ibot_weight:
+        ibot = ibot_term(d.student_temp, d.centering)
+        objective = with_term(objective, ibot, d.ibot_weight, "train/ibot")
+    if d.gram_weight:
+        gram = gram_term(
+            start_step=d.gram_start_step,
+            img_level=d.gram_img_level,
+            tokens=d.gram_tokens,
+            remove_neg=d.gram_remove_neg,
+            remove_only_teacher_neg=d.gram_remove_only_teacher_neg,
+            chunks=d.gram_chunks,
+        )
+        objective = with_term(objective, gram, d.gram_weight, "train/gram")
     return objective
 
 

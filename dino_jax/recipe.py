@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import ml_collections
 
 from dino_jax.data.augment import MultiCropConfig
+from dino_jax.data.masking import StepMasks, dinov2_masking_generator
 from dino_jax.models import DINOHead, MultiCropNetwork
-from dino_jax.models.backbones import build_backbone
+from dino_jax.models.backbones import build_backbone, size_multiple
 from dino_jax.objective import Objective, objective_from_config
 from dino_jax.optim import dino_optimizer
 from dino_jax.schedules import Schedules
-from dino_jax.state import TrainState, abstract_state, init_state, sample_crops
-from dino_jax.train_step import DinoHParams
+from dino_jax.state import TrainState, init_state, sample_crops
+from dino_jax.train_step import DinoHParams, GramRefresh
 
 
 def attention_implementation(setting: str) -> str | None:
@@ -50,7 +51,29 @@ def build_network(c: ml_collections.ConfigDict) -> MultiCropNetwork:
         dtype=compute,
         param_dtype=params,
     )
-    return MultiCropNetwork(backbone=backbone, head=head)
+    patch_head = None
+    if c.dino.ibot_weight and c.dino.ibot_separate_head:
+        # DINOv2's ibot_head: the DINO head's sizes, its own prototypes
+        patch_head = head.clone(out_dim=c.dino.ibot_out_dim or m.out_dim)
+    return MultiCropNetwork(backbone=backbone, head=head, patch_head=patch_head)
+
+
+def step_masks(c: ml_collections.ConfigDict, backbone) -> StepMasks | None:
+    """The iBOT masks of a run's steps (None without iBOT): DINOv2's block masking on the
+    global crops' patch grid, drawn per chunk of the global batch."""
+    d = c.dino
+    if not d.ibot_weight:
+        return None
+    generator = dinov2_masking_generator(c.aug.global_size, size_multiple(backbone))
+    return StepMasks(
+        generator=generator,
+        batch_size=c.optim.batch_size,
+        seed=c.seed,
+        n_global_crops=2,
+        mask_ratio_tuple=tuple(d.ibot_mask_ratio),
+        mask_probability=d.ibot_mask_probability,
+        chunks=d.ibot_chunks,
+    )
 
 
 def build_schedules(c: ml_collections.ConfigDict, steps_per_epoch: int) -> Schedules:
@@ -87,15 +110,30 @@ class Recipe:
     hp: DinoHParams  # network, optimiser, schedules, loss temperatures
     aug: MultiCropConfig
     compute_dtype: jnp.dtype
+    masks: StepMasks | None = None  # iBOT's masks of each step, drawn on the host
 
     def sample_crops(self) -> tuple[jax.Array, ...]:
         return sample_crops(self.aug, self.compute_dtype)
 
     def init_state(self, key: jax.Array) -> TrainState:
-        return init_state(self.hp.model, self.hp.tx, self.sample_crops(), key)
+        state = init_state(self.hp.model, self.hp.tx, self.sample_crops(), key)
+        return state.replace(extras=self.initial_extras(state))
 
     def abstract_state(self) -> TrainState:
-        return abstract_state(self.hp.model, self.hp.tx, self.sample_crops())
+        return jax.eval_shape(self.init_state, jax.random.key(0))
+
+    def initial_extras(self, state: TrainState) -> dict:
+        """The optional pieces' state at step 0: iBOT's patch center (zeros, as the official
+        buffer) and the Gram teacher (the initial teacher backbone; replaced from the EMA
+        teacher at dino.gram_start_step)."""
+        extras = {}
+        model = self.hp.model
+        if self.masks is not None:
+            head = model.head if model.patch_head is None else model.patch_head
+            extras["patch_center"] = jnp.zeros((1, head.out_dim), jnp.float32)
+        if self.hp.gram is not None:
+            extras["gram_teacher"] = jax.tree.map(jnp.copy, state.teacher["backbone"])
+        return extras
 
 
 def build(
@@ -104,11 +142,17 @@ def build(
     """The recipe of a validated config (dino_jax.validation.validate) for epochs of that
     length; `objective` replaces the configured one (`config.dino`) when given."""
     schedules = build_schedules(c, steps_per_epoch)
+    d = c.dino
+    model = build_network(c)
     hp = DinoHParams(
-        model=build_network(c),
+        model=model,
         tx=build_optimizer(c, schedules),
         schedules=schedules,
-        objective=objective_from_config(c.dino) if objective is None else objective,
-        center_momentum=c.dino.center_momentum,
+        objective=objective_from_config(d) if objective is None else objective,
+        center_momentum=d.center_momentum,
+        ibot_chunks=d.ibot_chunks if d.ibot_weight else None,
+        gram=GramRefresh(d.gram_start_step, d.gram_update_every) if d.gram_weight else None,
     )
-    return Recipe(hp, MultiCropConfig.from_config(c.aug), jnp.dtype(c.model.compute_dtype))
+    aug = MultiCropConfig.from_config(c.aug)
+    masks = step_masks(c, model.backbone)
+    return Recipe(hp, aug, jnp.dtype(c.model.compute_dtype), masks)

@@ -26,6 +26,10 @@ class TrainState:
     # parameters only, as in the official code.
     student_stats: PyTree = dataclasses.field(default_factory=dict)
     teacher_stats: PyTree = dataclasses.field(default_factory=dict)
+    # The state of the optional objective pieces ({} for DINO): "patch_center" (1, K_patch),
+    # iBOT's center of the teacher's patch logits; "gram_teacher", the frozen backbone params
+    # DINOv3's Gram anchoring compares with (dino_jax.objective, dino_jax.train_step).
+    extras: PyTree = dataclasses.field(default_factory=dict)
 
 
 def create_state(

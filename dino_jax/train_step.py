@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from dino_jax.data.augment import MultiCropConfig, multicrop
+from dino_jax.ibot import update_patch_center_per_chunk
 from dino_jax.loss import teacher_logits_centered, teacher_probs, update_center
 from dino_jax.models.multicrop import MultiCropNetwork
 from dino_jax.objective import Objective, StepOutputs, check_objective_result, dino_objective
@@ -18,15 +19,35 @@ from dino_jax.state import TrainState, ema, variables
 
 
 @dataclasses.dataclass(frozen=True)
+class GramRefresh:
+    """When DINOv3's frozen Gram teacher is (re)taken from the EMA teacher: at `start_step`,
+    then every `every` steps (0: never again)."""
+
+    start_step: int = 0
+    every: int = 0
+
+    def due(self, step: jax.Array) -> jax.Array:
+        due = step == self.start_step
+        if self.every:
+            later = step - self.start_step
+            due = due | ((later > 0) & (later % self.every == 0))
+        return due
+
+
+@dataclasses.dataclass(frozen=True)
 class DinoHParams:
     """Static parts of the update: the network, the optimiser, the schedules, the objective
-    (dino_jax.objective: official DINO by default) and the center's momentum."""
+    (dino_jax.objective: official DINO by default) and the center's momentum; with iBOT, the
+    number of mask chunks of the batch (its masks come with the batch); with Gram anchoring,
+    when its frozen teacher is refreshed."""
 
     model: MultiCropNetwork
     tx: optax.GradientTransformationExtraArgs
     schedules: Schedules
     objective: Objective = dataclasses.field(default_factory=dino_objective)
     center_momentum: float = 0.9
+    ibot_chunks: int | None = None  # None: no iBOT masks
+    gram: GramRefresh | None = None  # None: no Gram teacher
 
 
 def global_norm(tree) -> jax.Array:
@@ -55,7 +76,11 @@ def collapse_metrics(teacher_logits: jax.Array, center: jax.Array, temp: jax.Arr
 
 
 def dino_update(
-    state: TrainState, crops: Sequence[jax.Array], key: jax.Array, hp: DinoHParams
+    state: TrainState,
+    crops: Sequence[jax.Array],
+    key: jax.Array,
+    hp: DinoHParams,
+    masks: dict[str, jax.Array] | None = None,
 ) -> tuple[TrainState, dict]:
     """One official training iteration on already-augmented crops.
 
@@ -64,38 +89,78 @@ def dino_update(
     loss, gradient, per-tensor clip, the optimiser step (last layer skipped while frozen),
     teacher EMA of the parameters; the center moves after the loss, from the teacher logits
     of this batch. BatchNorm running statistics move with each network's own forward passes.
+
+    masks (iBOT; dino_jax.data.masking.StepMasks): "masks" (B, n_global, N) bool, the
+    student's masked patches of the global crops; "mask_index" / "mask_weight" (B, capacity),
+    each chunk's masked tokens and their weights. As DINOv2's ssl_meta_arch: the teacher sees
+    the unmasked crops, both networks' patch heads run on the gathered masked tokens, and the
+    patch center moves after the loss. With a Gram teacher (hp.gram), it is refreshed from
+    the EMA teacher when due, before its forward on the global crops.
     """
     sch = hp.schedules
     step = state.step
     teacher_temp = sch.teacher_temp_at(step)
+    patch_index = patch_weights = student_masks = None
+    if masks is not None:
+        patch_index = masks["mask_index"].reshape(hp.ibot_chunks, -1)
+        patch_weights = masks["mask_weight"].reshape(hp.ibot_chunks, -1)
+        student_masks = masks["masks"]
     # Both networks normalise with batch statistics and update their own running ones.
-    (t_logits, t_feats), t_stats = hp.model.apply(
+    t_out, t_stats = hp.model.apply(
         variables(state.teacher, state.teacher_stats),
         crops[:1],
         use_running_average=False,
         return_features=True,
+        patch_index=patch_index,
         mutable=["batch_stats"],
-    )  # (2, B, K), (2, B, D)
-    t_logits, t_feats = jax.lax.stop_gradient((t_logits, t_feats))
+    )
+    t_out = jax.lax.stop_gradient(t_out)
+    extras = dict(state.extras)
+    gram_tokens = None
+    if hp.gram is not None:
+        due = hp.gram.due(step)
+        extras["gram_teacher"] = jax.tree.map(
+            lambda frozen, ema_now: jnp.where(due, ema_now, frozen),
+            state.extras["gram_teacher"],
+            state.teacher["backbone"],
+        )
+        gram_tokens = jax.lax.stop_gradient(
+            hp.model.apply(
+                {"params": {"backbone": extras["gram_teacher"]}},
+                crops[0],
+                method=MultiCropNetwork.global_patch_tokens,
+            )
+        )
 
     def loss_fn(student):
-        (s_logits, s_feats), s_stats = hp.model.apply(
+        s_out, s_stats = hp.model.apply(
             variables(student, state.student_stats),
             crops,
             train=True,
             use_running_average=False,
             return_features=True,
+            masks=student_masks,
+            patch_index=patch_index,
             mutable=["batch_stats"],
-            rngs={"drop_path": key},
-        )  # (n_crops, B, K), (n_crops, B, D)
+            # "rope": DINOv3's RoPE coordinate augmentations (unused by other backbones)
+            rngs={"drop_path": key, "rope": jax.random.fold_in(key, 1)},
+        )
         outputs = StepOutputs(
-            student_logits=s_logits,
-            teacher_logits=t_logits,
-            student_features=s_feats,
-            teacher_features=t_feats,
+            student_logits=s_out.logits,  # (n_crops, B, K)
+            teacher_logits=t_out.logits,  # (2, B, K)
+            student_features=s_out.features,  # (n_crops, B, D)
+            teacher_features=t_out.features,  # (2, B, D)
             center=state.center,
             teacher_temp=teacher_temp,
             step=step,
+            student_patch_tokens=s_out.patch_tokens,
+            teacher_patch_tokens=t_out.patch_tokens,
+            patch_masks=None if student_masks is None else jnp.swapaxes(student_masks, 0, 1),
+            student_patch_logits=s_out.patch_logits,
+            teacher_patch_logits=t_out.patch_logits,
+            patch_weights=patch_weights,
+            patch_center=extras.get("patch_center"),
+            gram_patch_tokens=gram_tokens,
         )
         loss, terms = check_objective_result(hp.objective(outputs))
         return loss, (s_stats, terms)
@@ -104,14 +169,19 @@ def dino_update(
     updates, opt_state = hp.tx.update(grads, state.opt_state, state.student, step=step)
     student = optax.apply_updates(state.student, updates)
     momentum = sch.momentum(step)
+    if masks is not None:
+        extras["patch_center"] = update_patch_center_per_chunk(
+            extras["patch_center"], t_out.patch_logits, patch_weights, hp.center_momentum
+        )
     new_state = state.replace(
         step=step + 1,
         student=student,
         teacher=ema(state.teacher, student, momentum),
         opt_state=opt_state,
-        center=update_center(state.center, t_logits, hp.center_momentum),
+        center=update_center(state.center, t_out.logits, hp.center_momentum),
         student_stats=dict(s_stats.get("batch_stats", {})),
         teacher_stats=dict(t_stats.get("batch_stats", {})),
+        extras=extras,
     )
     metrics = {
         **terms,
@@ -121,9 +191,12 @@ def dino_update(
         "train/momentum": momentum,
         "train/teacher_temp": teacher_temp,
         "train/grad_norm": global_norm(grads),
-        **collapse_metrics(t_logits, state.center, teacher_temp),
+        **collapse_metrics(t_out.logits, state.center, teacher_temp),
     }
     return new_state, metrics
+
+
+MASK_KEYS = ("masks", "mask_index", "mask_weight")
 
 
 def train_step(
@@ -149,7 +222,15 @@ def train_step(
         keys, batch["image"], batch["size"], aug, dtype=compute_dtype
     )
     crops = (global_crops, local_crops) if aug.n_local else (global_crops,)
-    new_state, metrics = dino_update(state, crops, drop_key, hp)
+    masks = None
+    if hp.ibot_chunks is not None:
+        if not all(k in batch for k in MASK_KEYS):
+            raise ValueError(
+                f"iBOT needs the step's masks in the batch ({', '.join(MASK_KEYS)}: see"
+                " dino_jax.data.masking.StepMasks and trainer.Run.host_batches)"
+            )
+        masks = {k: batch[k] for k in MASK_KEYS}
+    new_state, metrics = dino_update(state, crops, drop_key, hp, masks)
     if skip_nonfinite:
         ok = jnp.isfinite(metrics["train/loss"]) & jnp.isfinite(metrics["train/grad_norm"])
         kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)

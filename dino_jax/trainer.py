@@ -25,6 +25,7 @@ from dino_jax.checkpoint import (
 from dino_jax.config import flatten_config
 from dino_jax.data import pipeline
 from dino_jax.data.decode import SkipLog
+from dino_jax.data.masking import with_step_masks
 from dino_jax.evaluate.during_training import TrainingEvaluator
 from dino_jax.metrics_log import MetricLogger
 from dino_jax.objective import Objective
@@ -66,6 +67,20 @@ class Run:
     @property
     def hp(self) -> DinoHParams:
         return self.recipe.hp
+
+    def host_batches(self):
+        """This process's batches from the data's start step, each with the step's iBOT
+        masks when the recipe draws them (dino_jax.data.masking.with_step_masks)."""
+        batches = iter(self.data)
+        if self.recipe.masks is None:
+            return batches
+        return with_step_masks(
+            batches,
+            self.recipe.masks,
+            self.data.start_step,
+            jax.process_index(),
+            jax.process_count(),
+        )
 
     @property
     def restore_target(self):
@@ -296,7 +311,7 @@ def _train_locked(
             raise NonFiniteLossError(_nonfinite_message(step - 1, {}, ckpt, "update"))
         ckpt.save(state, {**meta, "step": step}, force=force)
 
-    batches = pipeline.device_batches(iter(run.data), run.mesh, config.data.prefetch)
+    batches = pipeline.device_batches(run.host_batches(), run.mesh, config.data.prefetch)
     try:
         for step in range(start, last):
             if preemption.requested and step == start:

@@ -19,6 +19,7 @@ from dino_jax.validation_model import (
     model_errors,
     optimizer_errors,
 )
+from dino_jax.validation_patches import patch_objective_errors
 
 # jax.random.key keeps the low 32 bits of a seed (2**32 gives the run of seed 0) and refuses
 # 2**63 and above; numpy and tf.data take any seed in this range.
@@ -49,6 +50,7 @@ def validate(
         errors += linear_errors(c.linear)
         errors += crossed_errors(c)
         errors += backbone_use_errors(c)
+        errors += patch_objective_errors(c, num_processes)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 

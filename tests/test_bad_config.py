@@ -243,6 +243,74 @@ CASES = {
         set_values(**{"dino.koleo_weight": -0.1}),
         "dino.koleo_weight=-0.1: a weight >= 0",
     ),
+    "iBOT on a ResNet (no patch tokens)": (
+        set_values(**{"model.arch": "resnet50", "dino.ibot_weight": 1.0}),
+        "iBOT predicts masked patch tokens, and resnet50 has no patch tokens",
+    ),
+    "iBOT on DINO's ViT (no mask token)": (
+        set_values(**{"dino.ibot_weight": 1.0}),
+        "iBOT replaces masked patches by a learned mask token, and custom has none",
+    ),
+    "iBOT with a BatchNorm head": (
+        set_values(
+            **{"model.arch": "dinov2", "dino.ibot_weight": 1.0, "model.use_bn_in_head": True}
+        ),
+        "dino.ibot_weight > 0 with model.use_bn_in_head=True",
+    ),
+    "iBOT mask chunks that do not split the batch": (
+        set_values(**{"model.arch": "dinov2", "dino.ibot_weight": 1.0, "dino.ibot_chunks": 3}),
+        "dino.ibot_chunks=3 does not split optim.batch_size=16 into equal chunks",
+    ),
+    "iBOT masks that mask nothing": (
+        set_values(
+            **{"model.arch": "dinov2", "dino.ibot_weight": 1.0, "dino.ibot_mask_probability": 0.0}
+        ),
+        "dino.ibot_mask_probability=0.0 masks no crop of a chunk of 16 images",
+    ),
+    "iBOT mask ratio out of order": (
+        set_values(**{"dino.ibot_mask_ratio": (0.5, 0.1)}),
+        "dino.ibot_mask_ratio=(0.5, 0.1): a (low, high) pair with 0 <= low <= high <= 1",
+    ),
+    "iBOT prototypes without a separate head": (
+        set_values(**{"model.arch": "dinov2", "dino.ibot_weight": 1.0, "dino.ibot_out_dim": 32}),
+        "dino.ibot_out_dim=32 sizes a separate patch head, but dino.ibot_separate_head is False",
+    ),
+    "Gram anchoring on a ResNet": (
+        set_values(**{"model.arch": "resnet50", "dino.gram_weight": 1.0}),
+        "Gram anchoring compares patch-token similarities, and resnet50 has no patch tokens",
+    ),
+    "Gram on masked tokens without iBOT": (
+        set_values(**{"dino.gram_weight": 1.0, "dino.gram_tokens": "masked"}),
+        "dino.gram_tokens='masked' selects patches by the iBOT masks, but iBOT is off",
+    ),
+    "image-level Gram on masked tokens": (
+        set_values(
+            **{
+                "model.arch": "dinov2",
+                "dino.ibot_weight": 1.0,
+                "dino.gram_weight": 1.0,
+                "dino.gram_tokens": "masked",
+                "dino.gram_img_level": True,
+            }
+        ),
+        "dino.gram_tokens='masked' with dino.gram_img_level=True",
+    ),
+    "Gram chunks that do not split the batch": (
+        set_values(**{"dino.gram_weight": 1.0, "dino.gram_chunks": 5}),
+        "dino.gram_chunks=5 does not split optim.batch_size=16 into equal chunks",
+    ),
+    "unknown Gram token selection": (
+        set_values(**{"dino.gram_tokens": "patches"}),
+        "dino.gram_tokens='patches': use one of all, masked, unmasked",
+    ),
+    "both Gram negative clamps": (
+        set_values(**{"dino.gram_remove_neg": True, "dino.gram_remove_only_teacher_neg": True}),
+        "dino.gram_remove_neg and dino.gram_remove_only_teacher_neg exclude each other",
+    ),
+    "negative Gram start step": (
+        set_values(**{"dino.gram_start_step": -1}),
+        "dino.gram_start_step=-1: a step count, an int >= 0",
+    ),
     "LARS with a zero learning rate": (
         set_values(**{"optim.optimizer": "lars", "optim.lr": 0.0}),
         "optim.lr=0.0: must be > 0",

@@ -115,7 +115,7 @@ def run(config, steps: int, warmup: int) -> dict:
     check_init_from(config)
     train_run = build_run(config)
     state, step = initial_state(train_run), compile_step(train_run)
-    batch = to_global(next(iter(train_run.data)), train_run.mesh)
+    batch = to_global(next(train_run.host_batches()), train_run.mesh)
     key = jax.random.key(0)
     start = time.perf_counter()
     compiled = step.lower(state, batch, key).compile()

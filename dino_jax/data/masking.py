@@ -6,15 +6,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections.abc import Iterator
 
 import numpy as np
 
 
-def masks_rng(seed: int, step: int, process_index: int = 0) -> random.Random:
-    """The mask stream of one (seed, step, process): a fresh `random.Random`, so masks need no
-    RNG state in checkpoints. Each process draws its own masks (the official code draws them
-    per data-loader worker); all inputs must be >= 0."""
-    state = np.random.SeedSequence([seed, step, process_index]).generate_state(4, np.uint32)
+def masks_rng(seed: int, step: int, chunk: int = 0) -> random.Random:
+    """The mask stream of one (seed, step, chunk of the batch): a fresh `random.Random`, so
+    masks need no RNG state in checkpoints and do not depend on which process or device
+    draws them; all inputs must be >= 0."""
+    state = np.random.SeedSequence([seed, step, chunk]).generate_state(4, np.uint32)
     return random.Random(int.from_bytes(state.tobytes(), "little"))
 
 
@@ -226,3 +227,86 @@ def collate_masks(
         raise ValueError(f"the generator's grid has {collated.shape[1]} cells, not {n_tokens}")
     upperbound = mask_capacity(rows, n_tokens, mask_ratio_tuple, mask_probability)
     return CollatedMasks(collated, n_global_crops, upperbound)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMasks:
+    """The iBOT masks of every step of a run, drawn on the host.
+
+    The global batch of `batch_size` images is split into `chunks` equal chunks, each with
+    its own collate_masks draw from masks_rng(seed, step, chunk) (the official code draws
+    per GPU batch: chunks = the official GPU count reproduces its statistics). The masks are
+    a function of (seed, step, chunk) alone, whatever the devices and processes.
+    """
+
+    generator: MaskingGenerator
+    batch_size: int
+    seed: int
+    n_global_crops: int = 2
+    mask_ratio_tuple: tuple[float, float] = (0.1, 0.5)
+    mask_probability: float = 0.5
+    chunks: int = 1
+
+    @property
+    def images_per_chunk(self) -> int:
+        return self.batch_size // self.chunks
+
+    @property
+    def capacity_per_image(self) -> int:
+        """Gathered tokens per image of a chunk: the chunk's official `upperbound`, rounded up
+        to a multiple of its images so the buffer has one row per image (and shards with
+        the batch)."""
+        n = self.images_per_chunk
+        rows = self.n_global_crops * n
+        bound = mask_capacity(
+            rows, self.generator.num_patches, self.mask_ratio_tuple, self.mask_probability
+        )
+        return max(-(-bound // n), 1)
+
+    def chunk(self, step: int, index: int) -> dict[str, np.ndarray]:
+        """The masks of chunk `index` at `step`: "masks" (images, n_global, N) bool,
+        "mask_index" (images, capacity_per_image) int32 flat indices of the masked tokens into
+        the chunk's (images, n_global, N) tokens, padded with 0, and "mask_weight" the same
+        shape float32: the collate's masks_weight on masked tokens, 0 on padding."""
+        collated = collate_masks(
+            masks_rng(self.seed, step, index),
+            self.images_per_chunk,
+            self.generator,
+            n_global_crops=self.n_global_crops,
+            mask_ratio_tuple=self.mask_ratio_tuple,
+            mask_probability=self.mask_probability,
+        )
+        masks = collated.masks  # (images, n_global, N), image-major
+        counts = np.maximum(masks.sum(-1, keepdims=True), 1).astype(np.float32)
+        weights = np.broadcast_to(np.float32(1) / counts, masks.shape)
+        index_list = np.flatnonzero(masks).astype(np.int32)
+        capacity = self.capacity_per_image * self.images_per_chunk
+        pad = capacity - len(index_list)
+        shape = (self.images_per_chunk, self.capacity_per_image)
+        return {
+            "masks": masks,
+            "mask_index": np.pad(index_list, (0, pad)).reshape(shape),
+            "mask_weight": np.pad(weights.reshape(-1)[index_list], (0, pad)).reshape(shape),
+        }
+
+    def local(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
+        """The masks of this process's images (its equal, consecutive share of the batch;
+        whole chunks, as validation requires chunks % processes == 0)."""
+        per_process = self.chunks // process_count
+        first = process_index * per_process
+        parts = [self.chunk(step, first + i) for i in range(per_process)]
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def with_step_masks(
+    batches: Iterator[dict], masks: StepMasks, start_step: int, process_index=0, process_count=1
+) -> Iterator[dict]:
+    """`batches` (this process's, from `start_step` on) with each step's masks added;
+    closing this stream closes `batches`."""
+    try:
+        for step, batch in enumerate(batches, start_step):
+            yield {**batch, **masks.local(step, process_index, process_count)}
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()

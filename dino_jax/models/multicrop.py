@@ -7,8 +7,21 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from dino_jax.models.head import DINOHead
+
+
+@struct.dataclass
+class MultiCropOutputs:
+    """What one multi-crop call produced, crop-major (global crops first)."""
+
+    logits: jax.Array  # (n_crops, B, K) float32: the head on every crop's feature
+    features: jax.Array  # (n_crops, B, D): the backbone features the head was applied to
+    # (n_global, B, N, D): the global crops' final-norm patch tokens (None: no patch tokens)
+    patch_tokens: jax.Array | None = None
+    # (n_chunks, capacity, K_patch) float32: the patch head on the gathered masked tokens
+    patch_logits: jax.Array | None = None
 
 
 class MultiCropNetwork(nn.Module):
@@ -25,10 +38,17 @@ class MultiCropNetwork(nn.Module):
     pass `use_running_average=False` with `mutable=["batch_stats"]`: each backbone call then
     updates the running statistics once, the global group first, as the official wrapper's
     one call per resolution does.
+
+    iBOT (DINOv2's ssl_meta_arch): `masks` (B, n_global, N) bool replaces those patch tokens
+    of the global crops by the backbone's mask token (the student's input); `patch_index`
+    (n_chunks, capacity) int32 gathers patch tokens of the global crops, each chunk's indices
+    into its own images' flattened (images, n_global, N) tokens, and applies `patch_head`
+    (iBOT's separate head) or `head` (the shared one) to them.
     """
 
     backbone: nn.Module  # a ViT, ResNet or XCiT (dino_jax.models.backbones)
     head: DINOHead
+    patch_head: DINOHead | None = None
 
     def __call__(
         self,
@@ -37,20 +57,56 @@ class MultiCropNetwork(nn.Module):
         train: bool = False,
         use_running_average: bool = True,
         return_features: bool = False,
+        masks: jax.Array | None = None,
+        patch_index: jax.Array | None = None,
     ):
-        """(n_crops, B, K) logits; with `return_features`, also the (n_crops, B, D) backbone
-        features the head was applied to."""
-        features = []
-        for group in crops:
+        """(n_crops, B, K) logits; with `return_features`, a MultiCropOutputs."""
+        features, patch_tokens = [], None
+        for i, group in enumerate(crops):
             batch, n = group.shape[:2]
             images = group.reshape(batch * n, *group.shape[2:])
-            out = self.backbone(images, train=train, use_running_average=use_running_average)
+            extra = {}
+            if i == 0 and masks is not None:
+                extra["masks"] = masks.reshape(batch * n, -1)
+            out = self.backbone(
+                images, train=train, use_running_average=use_running_average, **extra
+            )
             features.append(out.feature.reshape(batch, n, -1))
+            if i == 0 and hasattr(out, "patch_tokens"):
+                patch_tokens = out.patch_tokens.reshape(batch, n, *out.patch_tokens.shape[1:])
         # One head call on every crop at once, as the official wrapper does (a BatchNorm in
         # the head sees global and local features together).
         features = jnp.concatenate(features, axis=1)  # (B, n_crops, D)
         logits = self.head(features, use_running_average=use_running_average)
         logits = jnp.swapaxes(logits, 0, 1)  # (n_crops, B, K)
-        if return_features:
-            return logits, jnp.swapaxes(features, 0, 1)
-        return logits
+        patch_logits = None
+        if patch_index is not None:
+            patch_logits = self._patch_logits(patch_tokens, patch_index, use_running_average)
+        elif self.patch_head is not None and self.is_initializing():
+            self.patch_head(features[:1, :1])  # its parameters exist from the start
+        if not return_features:
+            return logits
+        return MultiCropOutputs(
+            logits=logits,
+            features=jnp.swapaxes(features, 0, 1),
+            patch_tokens=None if patch_tokens is None else jnp.swapaxes(patch_tokens, 0, 1),
+            patch_logits=patch_logits,
+        )
+
+    def _patch_logits(self, patch_tokens, patch_index, use_running_average):
+        if patch_tokens is None:
+            raise ValueError(f"{type(self.backbone).__name__} has no patch tokens to gather")
+        n_chunks = patch_index.shape[0]
+        dim = patch_tokens.shape[-1]
+        tokens = patch_tokens.reshape(n_chunks, -1, dim)  # each chunk's images, image-major
+        gathered = jnp.take_along_axis(tokens, patch_index[..., None], axis=1)
+        head = self.head if self.patch_head is None else self.patch_head
+        return head(gathered, use_running_average=use_running_average)
+
+    def global_patch_tokens(self, group: jax.Array) -> jax.Array:
+        """(n_global, B, N, D) final-norm patch tokens of the global group (B, n, H, W, C) in
+        eval mode: what DINOv3's frozen Gram teacher gives (its params: a backbone's)."""
+        batch, n = group.shape[:2]
+        out = self.backbone(group.reshape(batch * n, *group.shape[2:]), train=False)
+        tokens = out.patch_tokens.reshape(batch, n, *out.patch_tokens.shape[1:])
+        return jnp.swapaxes(tokens, 0, 1)

@@ -45,7 +45,7 @@ def steps_on_meshes(config, n_steps: int, device_counts=(8, 1)) -> dict[int, Mes
 
     runs = {n: build_run(config, mesh=parallel.make_mesh(jax.devices()[:n])) for n in device_counts}
     first = runs[device_counts[0]]
-    batches = [b for _, b in zip(range(n_steps), iter(first.data), strict=False)]
+    batches = [b for _, b in zip(range(n_steps), first.host_batches(), strict=False)]
     out = {}
     for n, run in runs.items():
         state, step = initial_state(run), compile_step(run)
