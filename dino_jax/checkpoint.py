@@ -11,6 +11,7 @@ last complete checkpoint, and removes what the failed save left."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import gc
@@ -634,17 +635,40 @@ class Checkpointer:
         shardings), so nothing has to be resharded afterwards; every array is checked against
         the digest saved with it. Every process must call it."""
         expected = self._expected_digests(step)
+        target, added = self._restore_target(step, abstract_state)
         try:
             restored = self.manager.restore(
                 step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)),
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(target)),
             )
         except Exception as err:  # orbax raises many types for damaged or foreign trees
             self._refuse_another_model(step, abstract_state, err)
             raise self.damaged(step, f"its arrays cannot be read ({_brief(err)})") from err
+        state = restored.state
+        if added:
+            state = abstract_state.replace(**state, **added)
         if expected is not None:
-            self._verify(step, restored.state, expected, abstract_state)
-        return restored.state
+            self._verify(step, state, expected, abstract_state)
+        return state
+
+    def _restore_target(self, step: int, abstract_state):
+        """(what to restore checkpoint `step` into, the state fields it lacks). A checkpoint
+        written before a state field existed lacks it; where that field is empty in this run
+        (TrainState.extras of a plain DINO run) the stored fields are restored by name and
+        the field is added back empty. Otherwise the target is `abstract_state` itself."""
+        if not dataclasses.is_dataclass(abstract_state):
+            return abstract_state, {}
+        try:
+            stored = set(self.manager.item_metadata(step)["state"].keys())
+        except Exception:  # unreadable metadata: the restore itself reports the damage
+            return abstract_state, {}
+        fields = {
+            f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)
+        }
+        added = {k: v for k, v in fields.items() if k not in stored and not jax.tree.leaves(v)}
+        if not added:
+            return abstract_state, {}
+        return {k: v for k, v in fields.items() if k not in added}, added
 
     def _expected_digests(self, step: int) -> dict[str, str] | None:
         """The digests recorded with checkpoint `step`; None (with a warning) for one written

@@ -22,7 +22,7 @@ from dino_jax.checkpoint import (
     check_work_dir,
     write_atomically,
 )
-from dino_jax.config import flatten_config
+from dino_jax.config import default_config, flatten_config
 from dino_jax.data import pipeline
 from dino_jax.data.decode import SkipLog
 from dino_jax.data.masking import with_step_masks
@@ -144,7 +144,7 @@ def restore_or_init(run: Run, ckpt: Checkpointer, flat_config: dict[str, Any]) -
         return initial_state(run)
     meta = ckpt.read_meta(latest)
     allow = run.config.train.allow_config_change
-    for key, old, new in check_resume_config(meta.get("config", {}), flat_config, allow):
+    for key, old, new in check_resume_config(saved_config(meta), flat_config, allow):
         _LOG.warning("resuming with %s changed: %r -> %r", key, old, new)
     if meta.get("steps_per_epoch", run.data.steps_per_epoch) != run.data.steps_per_epoch:
         _LOG.warning(
@@ -158,6 +158,13 @@ def restore_or_init(run: Run, ckpt: Checkpointer, flat_config: dict[str, Any]) -
     ckpt.record(latest, "restored")
     _LOG.info("resumed from step %d in %s", latest, ckpt.directory)
     return state
+
+
+def saved_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """The flattened config a checkpoint was written with. A key added to dino_jax after it
+    was written reads as its default: every new option's default is the behaviour from
+    before the option existed, so such a checkpoint resumes."""
+    return {**flatten_config(default_config()), **meta.get("config", {})}
 
 
 def skip_log(workdir: str) -> SkipLog:

@@ -2,6 +2,8 @@
 masked-token loss against the official dense form, the per-chunk patch center, the student's
 mask token, the Gram teacher's refresh, and a run that resumes exactly and matches 8 devices."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,3 +211,52 @@ def test_ibot_and_gram_resume_exactly_and_match_on_8_devices_and_1(tmp_path):
     train(tiny_config(**c, **{"train.max_steps": 3}), str(tmp_path / "b"))
     resumed = train(tiny_config(**c, **{"train.max_steps": 5}), str(tmp_path / "b"))
     assert_states_equal(straight.state, resumed.state)
+
+
+def test_a_checkpoint_from_before_the_patch_options_resumes_and_changing_them_is_refused():
+    from dino_jax.checkpoint import CheckpointError, check_resume_config
+    from dino_jax.config import flatten_config
+    from dino_jax.trainer import saved_config
+
+    current = flatten_config(tiny_config())
+    older = {k: v for k, v in current.items() if not k.startswith(("dino.ibot", "dino.gram"))}
+    assert check_resume_config(saved_config({"config": older}), current) == []
+    with pytest.raises(
+        CheckpointError, match=re.escape("dino.ibot_weight: checkpoint 0.0 -> now 1.0")
+    ):
+        check_resume_config(saved_config({"config": older}), {**current, "dino.ibot_weight": 1.0})
+
+
+def test_a_checkpoint_written_before_the_state_had_extras_restores(tmp_path):
+    """The state's `extras` field came with iBOT and Gram; a checkpoint without it (a DINO
+    run's, written before) restores, digests verified, with empty extras."""
+    import dataclasses
+
+    from flax import struct
+
+    from dino_jax.checkpoint import Checkpointer
+    from dino_jax.config import flatten_config
+
+    run = build_run(tiny_config())
+    state = jax.device_get(initial_state(run))
+
+    @struct.dataclass
+    class EarlierTrainState:  # TrainState as it was before `extras`
+        step: object
+        student: object
+        teacher: object
+        opt_state: object
+        center: object
+        student_stats: object
+        teacher_stats: object
+
+    earlier = EarlierTrainState(
+        **{f.name: getattr(state, f.name) for f in dataclasses.fields(EarlierTrainState)}
+    )
+    ckpt = Checkpointer(str(tmp_path), keep=2, asynchronous=False)
+    ckpt.save(earlier, {"config": flatten_config(run.config), "step": 0}, force=True)
+    ckpt.wait()
+    restored = ckpt.restore(0, run.restore_target)
+    ckpt.close()
+    assert restored.extras == {}
+    assert_states_equal(state, jax.device_get(restored))
