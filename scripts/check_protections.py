@@ -357,7 +357,7 @@ CASES = [
         "every restored array is checked against the digest saved with it",
         "dino_jax/checkpoint.py",
         "        if expected is not None:\n"
-        "            self._verify(step, restored.state, expected, abstract_state)\n",
+        "            self._verify(step, state, expected, abstract_state)\n",
         "",
         ("tests/test_faults_checkpoints.py", "-k", "flipped"),
     ),  # caught by test_flipped_array_data_is_refused_naming_the_array[1 bit], 21-29 s
@@ -488,6 +488,34 @@ CASES = [
         "            batch % chunks == 0,",
         "            True,",
         ("tests/test_bad_config.py", "-k", "KoLeo and chunks"),
+    ),
+    Case(
+        "iBOT on a backbone without patch tokens or a mask token is refused",
+        "dino_jax/validation_patches.py",
+        "    elif kind is not None and kind not in MASK_TOKEN_FAMILIES:",
+        "    elif False:",
+        ("tests/test_bad_config.py", "-k", "iBOT and mask and token"),
+    ),
+    Case(
+        "iBOT mask chunks must split the batch",
+        "dino_jax/validation_patches.py",
+        '    _chunks_split(e, "dino.ibot_chunks", d.ibot_chunks, c.optim.batch_size)',
+        "    pass",
+        ("tests/test_bad_config.py", "-k", "iBOT and chunks"),
+    ),
+    Case(
+        "Gram on a backbone without patch tokens is refused",
+        "dino_jax/validation_patches.py",
+        "    if kind is not None and kind not in PATCH_FAMILIES:",
+        "    if False:",
+        ("tests/test_bad_config.py", "-k", "Gram and ResNet"),
+    ),
+    Case(
+        "a checkpoint from before the state's extras restores",
+        "dino_jax/checkpoint.py",
+        "        if not added:\n            return abstract_state, {}",
+        "        if True:\n            return abstract_state, {}",
+        ("tests/test_ibot_training.py", "-k", "before_the_state_had_extras"),
     ),
     Case(
         "a ResNet/XCiT is exported with its BatchNorm statistics or not at all",
