@@ -10,18 +10,29 @@ from dino_jax.models.backbones import (
     ARCH_NAMES,
     DINOV2_ARCHS,
     DINOV2_OPTIONS,
+    DINOV3_ARCHS,
+    DINOV3_OPTIONS,
     RESNET_ARCHS,
+    ROPE_OPTIONS,
     VIT_ARCHS,
+    VIT_FAMILIES,
     XCIT_ARCHS,
     family,
 )
+from dino_jax.models.rope import NORMALIZE_COORDS
 from dino_jax.models.vit2 import FFNS
+from dino_jax.models.vit3 import SWIGLU_ALIGN
 from dino_jax.optim import OPTIMIZERS
 from dino_jax.validation_base import Errors
 
 DTYPES = ("float32", "bfloat16")
 RESNET_KEYS = ("resnet_stem_width", "resnet_widths", "resnet_depths")
 SIZE_KEYS = ("embed_dim", "depth", "num_heads")
+# DINOv3's ffn_layer names (dinov3/models/vision_transformer.py); its "swiglu" is the layer of
+# DINOv2's "swiglufused" (hidden 2/3 of the MLP's, a multiple of 8), with w1 / w2 apart
+DINOV3_FFNS = ("mlp", *SWIGLU_ALIGN)
+ROPE_DTYPES = ("fp32", "bf16")  # the official pos_embed_rope_dtype; fp16 refused as compute
+SHARED_OPTIONS = tuple(DINOV3_OPTIONS)  # options DINOv2's and DINOv3's ViTs both have
 
 
 def _positive_int(value) -> bool:
@@ -88,36 +99,132 @@ def _xcit_errors(e: Errors, m) -> None:
     _unset_unless(e, m, RESNET_KEYS, "XCiT", "resnet")
 
 
+def _registers_and_layerscale(e: Errors, m, registers: str, layerscale: str) -> None:
+    """The options DINOv2's and DINOv3's ViTs share; `registers`, `layerscale`: where the
+    official values (4 tokens, 1e-5) are used."""
+    r = m.num_register_tokens
+    e.check(
+        isinstance(r, int) and not isinstance(r, bool) and r >= 0,
+        f"model.num_register_tokens={r!r}: an int >= 0 ({registers}: 4)",
+    )
+    e.check(
+        m.layerscale_init >= 0.0,
+        f"model.layerscale_init={m.layerscale_init}: >= 0 ({layerscale}: 1e-5; 0: off)",
+    )
+
+
 def _dinov2_errors(e: Errors, m) -> None:
     if m.arch in DINOV2_ARCHS:
         _named_sizes(e, m, DINOV2_ARCHS[m.arch], "dinov2", with_patch=True)
     else:
         _custom_sizes(e, m, "dinov2")
     _unset_unless(e, m, RESNET_KEYS, "DINOv2 ViT", "resnet")
-    r = m.num_register_tokens
-    e.check(
-        isinstance(r, int) and not isinstance(r, bool) and r >= 0,
-        f"model.num_register_tokens={r!r}: an int >= 0 (DINOv2's *_reg models: 4)",
-    )
-    e.check(
-        m.layerscale_init >= 0.0,
-        f"model.layerscale_init={m.layerscale_init}: >= 0 (DINOv2 training: 1e-5; 0: off)",
-    )
-    e.check(m.ffn in FFNS, f"model.ffn={m.ffn!r}: use one of {', '.join(FFNS)}")
+    _registers_and_layerscale(e, m, "DINOv2's *_reg models", "DINOv2 training")
+    hint = " (DINOv3's swiglu is this swiglufused)" if m.ffn in SWIGLU_ALIGN else ""
+    e.check(m.ffn in FFNS, f"model.ffn={m.ffn!r}: use one of {', '.join(FFNS)}{hint}")
     e.check(
         m.interpolate_offset >= 0.0,
         f"model.interpolate_offset={m.interpolate_offset}: >= 0 (DINOv2: 0.1; *_reg: 0)",
     )
 
 
+def _dinov3_errors(e: Errors, m) -> None:
+    if m.arch in DINOV3_ARCHS:
+        _named_sizes(e, m, DINOV3_ARCHS[m.arch], "dinov3", with_patch=True)
+    else:
+        _custom_sizes(e, m, "dinov3")
+    d, h = m.embed_dim, m.num_heads
+    if m.arch == "dinov3" and _positive_int(d) and _positive_int(h) and d % h == 0:
+        e.check(
+            (d // h) % 4 == 0,
+            f"model.embed_dim={d} / model.num_heads={h} = {d // h} per head: DINOv3's RoPE"
+            " rotates each head's features in groups of 4 (row and column angles, sin and cos),"
+            " so it needs a multiple of 4: change embed_dim or num_heads",
+        )
+    _unset_unless(e, m, RESNET_KEYS, "DINOv3 ViT", "resnet")
+    _registers_and_layerscale(e, m, "DINOv3's recipes", "DINOv3's recipes")
+    hint = " (DINOv2's swiglufused is DINOv3's swiglu)" if m.ffn in FFNS else ""
+    e.check(
+        m.ffn in DINOV3_FFNS,
+        f"model.ffn={m.ffn!r}: use one of {', '.join(DINOV3_FFNS)} (DINOv3's ffn_layer){hint}",
+    )
+    for key in ("interpolate_offset", "interpolate_antialias"):
+        default = DINOV2_OPTIONS[key][0]
+        e.check(
+            m[key] == default,
+            f"model.{key}={m[key]!r} sets DINOv2's position-embedding resize; DINOv3's ViT"
+            f" (model.arch={m.arch!r}) has no position embedding to resize (RoPE takes any"
+            f" patch grid): leave model.{key}={default!r}",
+        )
+    _rope_errors(e, m)
+
+
+def _rope_errors(e: Errors, m) -> None:
+    """DINOv3's RopePositionEmbedding settings (dinov3/layers/rope_position_encoding.py)."""
+    low, high = m.rope_min_period, m.rope_max_period
+    e.check(
+        (low is None) == (high is None),
+        f"model.rope_min_period={low!r}, model.rope_max_period={high!r}: the log-spaced RoPE"
+        " periods need both; set both, or neither (periods from model.rope_base)",
+    )
+    base_default = ROPE_OPTIONS["rope_base"][0]
+    e.check(
+        low is None or high is None or m.rope_base == base_default,
+        f"model.rope_base={m.rope_base} with model.rope_min_period / rope_max_period: two"
+        " parametrisations of the RoPE periods (the official RopePositionEmbedding refuses"
+        " both); set, the two periods give them and rope_base is unused: leave"
+        f" model.rope_base={base_default}, or unset the periods",
+    )
+    e.check(m.rope_base > 0, f"model.rope_base={m.rope_base}: must be > 0 (DINOv3: 100)")
+    for key in ("rope_min_period", "rope_max_period", "rope_shift_coords"):
+        e.check(
+            m[key] is None or m[key] > 0,
+            f"model.{key}={m[key]}: must be > 0 (or unset: None)",
+        )
+    if low is not None and high is not None and low > 0:
+        e.check(
+            low <= high,
+            f"model.rope_min_period={low} > model.rope_max_period={high}: swap them",
+        )
+    for key in ("rope_jitter_coords", "rope_rescale_coords"):
+        e.check(
+            m[key] is None or m[key] >= 1,
+            f"model.{key}={m[key]}: a factor >= 1, drawn log-uniformly in [1/x, x] (DINOv3's"
+            " ViT-L and ViT-7B: rope_rescale_coords=2), or unset (None)",
+        )
+    e.check(
+        m.rope_normalize_coords in NORMALIZE_COORDS,
+        f"model.rope_normalize_coords={m.rope_normalize_coords!r}: use one of"
+        f" {', '.join(NORMALIZE_COORDS)}",
+    )
+    e.check(
+        m.rope_dtype in ROPE_DTYPES,
+        f"model.rope_dtype={m.rope_dtype!r}: use one of {', '.join(ROPE_DTYPES)} (DINOv3's"
+        " pos_embed_rope_dtype; ViT-L recipe: bf16, ViT-7B and the hub models: fp32)",
+    )
+
+
 def _dinov2_options_unset(e: Errors, m, kind: str) -> None:
-    """Registers, LayerScale, SwiGLU and DINOv2's resize exist in DINOv2's ViT only."""
+    """Registers, LayerScale, SwiGLU and DINOv2's resize exist in DINOv2's ViT only (the
+    first three in DINOv3's too)."""
     for key, (default, _) in DINOV2_OPTIONS.items():
+        also = "; DINOv3's ViT, model.arch=dinov3, has it too" if key in SHARED_OPTIONS else ""
         e.check(
             m[key] == default,
             f"model.{key}={m[key]!r} is a DINOv2 ViT option; the {kind} model.arch={m.arch!r}"
-            f" has no such thing: set model.arch=dinov2 (or dinov2_vits14, ...), or leave"
-            f" model.{key}={default!r}",
+            f" has no such thing: set model.arch=dinov2 (or dinov2_vits14, ...{also}), or"
+            f" leave model.{key}={default!r}",
+        )
+
+
+def _rope_options_unset(e: Errors, m, kind: str) -> None:
+    """The RoPE settings exist in DINOv3's ViT only."""
+    for key, (default, _) in ROPE_OPTIONS.items():
+        e.check(
+            m[key] == default,
+            f"model.{key}={m[key]!r} is a DINOv3 ViT option (its rotary position embedding);"
+            f" the {kind} model.arch={m.arch!r} has no RoPE: set model.arch=dinov3 (or"
+            f" dinov3_vits16, ...), or leave model.{key}={default!r}",
         )
 
 
@@ -174,12 +281,17 @@ def model_errors(m: ml_collections.ConfigDict, platform: str | None = None) -> l
         _vit_errors(e, m)
     elif kind == "dinov2":
         _dinov2_errors(e, m)
+    elif kind == "dinov3":
+        _dinov3_errors(e, m)
     elif kind == "xcit":
         _xcit_errors(e, m)
     elif kind == "resnet":
         _resnet_errors(e, m)
+    names = {"vit": "ViT", "dinov2": "DINOv2 ViT", "xcit": "XCiT", "resnet": "ResNet"}
     if kind in ("vit", "xcit", "resnet"):
-        _dinov2_options_unset(e, m, {"vit": "ViT", "xcit": "XCiT", "resnet": "ResNet"}[kind])
+        _dinov2_options_unset(e, m, names[kind])
+    if kind in names:
+        _rope_options_unset(e, m, names[kind])
     for key in ("patch_size", "out_dim", "head_nlayers", "head_hidden_dim", "head_bottleneck_dim"):
         e.check(_positive_int(m[key]), f"model.{key}={m[key]!r}: must be a positive int")
     e.check(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate}: use [0, 1)")
@@ -202,7 +314,7 @@ def model_errors(m: ml_collections.ConfigDict, platform: str | None = None) -> l
     )
     if m.attention == "cudnn":
         e.check(
-            kind in ("vit", "dinov2"),
+            kind in VIT_FAMILIES,
             f"model.attention='cudnn' is a ViT setting ({m.arch} has no such attention): use auto",
         )
         e.check(
@@ -249,6 +361,6 @@ def input_multiple(m: ml_collections.ConfigDict) -> int:
     """What every input side must be a multiple of: a ViT's patch size; 1 for a ResNet or an
     XCiT, whose strided convolutions take any size."""
     try:
-        return m.patch_size if family(m.arch) in ("vit", "dinov2") else 1
+        return m.patch_size if family(m.arch) in VIT_FAMILIES else 1
     except ValueError:
         return m.patch_size

@@ -342,6 +342,33 @@ CASES = {
         "optim.lrr: unknown key (did you mean optim.lr?)",
     ),
     "missing key in a config file": (drop_key, "train.keep_checkpoints: missing"),
+    "RoPE on a ViT that has none": (
+        set_values(**{"model.rope_rescale_coords": 2.0}),
+        "model.rope_rescale_coords=2.0 is a DINOv3 ViT option (its rotary position embedding)",
+    ),
+    "DINOv3 name with another patch size": (
+        set_values(
+            **{
+                "model.arch": "dinov3_vits16",
+                "model.embed_dim": None,
+                "model.depth": None,
+                "model.num_heads": None,
+            }
+        ),
+        "model.patch_size=4 but dinov3_vits16 has patch size 16",
+    ),
+    "RoPE head dimension not a multiple of 4": (
+        set_values(**{"model.arch": "dinov3", "model.embed_dim": 12}),
+        "= 6 per head: DINOv3's RoPE rotates each head's features in groups of 4",
+    ),
+    "one RoPE period without the other": (
+        set_values(**{"model.arch": "dinov3", "model.rope_min_period": 0.5}),
+        "model.rope_min_period=0.5, model.rope_max_period=None: the log-spaced RoPE periods",
+    ),
+    "DINOv2's resize on DINOv3's ViT": (
+        set_values(**{"model.arch": "dinov3", "model.interpolate_antialias": True}),
+        "has no position embedding to resize (RoPE takes any patch grid)",
+    ),
 }
 
 

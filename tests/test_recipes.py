@@ -18,7 +18,7 @@ from dino_jax.config import dotted
 from dino_jax.models.backbones import build_backbone, family
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-NOT_OFFICIAL = {"demo", "demo_dinov2"}  # sized for a CPU, not official runs
+NOT_OFFICIAL = {"demo", "demo_dinov2", "demo_dinov3"}  # sized for a CPU, not official runs
 
 # The groups of a table row and the config section each belongs to.
 SECTION = {

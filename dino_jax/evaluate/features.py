@@ -40,7 +40,9 @@ def eval_transform(
 
 
 def linear_features(out, n_last_blocks: int, avgpool: bool) -> jax.Array:
-    """eval_linear.py's features: CLS of the last n normed blocks [+ mean patch token]."""
+    """eval_linear.py's features: CLS of the last n normed blocks [+ mean patch token]. Every
+    ViT's intermediates are (B, 1 + N, D), CLS then patches: DINOv2's registers and DINOv3's
+    storage tokens are left out, so the mean is over patch tokens only."""
     feats = [block[:, 0] for block in out.intermediates]
     if avgpool:
         feats.append(out.intermediates[-1][:, 1:].mean(axis=1))

@@ -86,8 +86,11 @@ def _head_of_config(m: Any) -> Head:
 def from_model_config(m: Any, img_size: int | None = None) -> AnyArchitecture:
     """The architecture `recipe.build_network` builds from `config.model` (`m`); a ViT's is
     trained on crops of `img_size` (config.aug.global_size), which fixes its position grid
-    (ResNets and XCiTs take any input size)."""
+    (ResNets and XCiTs take any input size). DINOv2's and DINOv3's ViTs have no official
+    DINO state dict: ValueError."""
     kind = family(m.arch)
+    if kind in ("dinov2", "dinov3"):
+        raise ValueError(f"model.arch={m.arch!r} has no official DINO state-dict layout")
     head = _head_of_config(m)
     if kind == "resnet":
         return dataclasses.replace(architecture_resnet.from_sizes(resnet_sizes(m)), head=head)

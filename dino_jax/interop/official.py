@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from dino_jax.interop import architecture
 from dino_jax.interop.architecture import AnyArchitecture
+from dino_jax.interop.architecture_common import flag_value
 from dino_jax.interop.official_export import (
     official_state_dict,
     save_official_backbone,
@@ -41,6 +43,7 @@ from dino_jax.interop.official_shapes import (
 )
 from dino_jax.interop.pth import Namespace, PthError, PthFile, open_pth
 from dino_jax.interop.state_dict import BN_BUFFERS, from_state_dict
+from dino_jax.models.backbones import family
 
 __all__ = [
     "HEADS_BY_WIDTH",
@@ -214,12 +217,71 @@ def _storages_to_read(pth: PthFile, tensors: list[Any], path: str) -> set[str]:
     return keys
 
 
+# What the families that no official DINO file can start are (their parameters are neither
+# a DINO ViT's, a ResNet's nor an XCiT's), for the refusal.
+_NOT_STARTED_BY_OFFICIAL = {
+    "dinov2": "DINOv2's ViT, with a mask token (and registers, LayerScale, SwiGLU) that no"
+    " official DINO file holds",
+    "dinov3": "DINOv3's RoPE ViT, which has no learned position embedding (a rotary embedding"
+    " in every block gives its positions)",
+}
+
+
+def _file_settings(found: AnyArchitecture, model_config: Any, img_size: int | None) -> str:
+    """The command-line settings that configure the architecture a file holds, those that
+    differ from the configured ones."""
+    configured = {"aug.global_size": img_size}
+    flags = []
+    for key, value in architecture.settings_for(found).items():
+        section, _, leaf = key.partition(".")
+        ours = getattr(model_config, leaf, None) if section == "model" else configured.get(key)
+        if (tuple(ours) if isinstance(ours, list) else ours) != value:
+            flags.append(f"--config.{key}={flag_value(value)}")
+    return " ".join(flags)
+
+
+def _refuse_unstartable_family(
+    contents: FileContents, path: str, model_config: Any, img_size: int | None
+) -> None:
+    """OfficialCheckpointError when the configured model is of a family that no official DINO
+    file can start (DINOv2's or DINOv3's ViT), naming what the file holds and what to do."""
+    try:
+        kind = family(model_config.arch)
+    except (AttributeError, TypeError, ValueError):
+        return  # not a known architecture: the shape check says so
+    if kind not in _NOT_STARTED_BY_OFFICIAL:
+        return
+    found = file_architecture(contents)
+    pos = tensor_shape(contents.teacher.get("backbone.pos_embed"))
+    ours = f"model.arch={model_config.arch!r} is {_NOT_STARTED_BY_OFFICIAL[kind]}"
+    if kind == "dinov3" and pos is not None:
+        why = (
+            f"it holds a ViT with a learned position embedding (backbone.pos_embed {pos}), as"
+            f" every official DINO ViT does, and {ours}, so this file cannot start it"
+        )
+    elif found is not None:
+        why = f"it holds {architecture.describe(found)}, and {ours}: no official file starts it"
+    else:
+        why = f"{ours}: no official DINO file starts it"
+    fix = "leave init_from empty to train it from its initialisation"
+    if found is not None:
+        flags = _file_settings(found, model_config, img_size)
+        fix += (
+            f", or train the file's own architecture from it: {flags} (with"
+            " model.num_register_tokens, layerscale_init, ffn and the rope_* settings at their"
+            " defaults)"
+        )
+    raise OfficialCheckpointError(f"{path}: {why}: {fix}")
+
+
 def _plan(
     path: str, model_config: Any, img_size: int | None, networks: Collection[str], optimizer: bool
 ) -> tuple[PthFile, set[str]]:
     """The checked file and the storages to read, from the pickle alone."""
     pth = open_pth(path)
     contents = _contents(pth.tree, path)
+    if model_config is not None:
+        _refuse_unstartable_family(contents, path, model_config, img_size)
     check_shapes(contents, path, model_config, img_size)
     adam = _adam_state(contents, path) if optimizer and contents.optimizer is not None else None
     return pth, _storages_to_read(pth, _used_tensors(contents, networks, adam), path)

@@ -5,7 +5,9 @@ returning an output whose `feature` is the (B, D) image feature: the ViT of the 
 vision_transformer.py, torchvision's ResNet (v1.5, Bottleneck) and XCiT (facebookresearch/
 xcit's xcit.py, loaded by main_dino.py through torch.hub). Each family also has a name whose
 sizes come from the config: "custom" (ViT), "resnet", "xcit"; DINOv2's ViT (registers,
-LayerScale, SwiGLU; dinov2/models/vision_transformer.py) is a fourth family.
+LayerScale, SwiGLU; dinov2/models/vision_transformer.py) is a fourth family, "dinov2", and
+DINOv3's (RoPE instead of a learned position embedding, storage tokens, LayerScale, SwiGLU;
+dinov3/models/vision_transformer.py) a fifth, "dinov3".
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dino_jax.models.vit import ARCHS as VIT_ARCHS
 from dino_jax.models.vit import VisionTransformer
 from dino_jax.models.vit2 import DINOV2_ARCHS as _DINOV2_SIZES
 from dino_jax.models.vit2 import DinoVisionTransformer
+from dino_jax.models.vit3 import ARCHS as _DINOV3_SIZES
+from dino_jax.models.vit3 import VisionTransformer3
 from dino_jax.models.xcit import XCIT_ARCHS, XCiT
 
 # torchvision.models.resnet50: stem 64, bottleneck widths 64 * 2**i, (3, 4, 6, 3) blocks.
@@ -41,16 +45,49 @@ DINOV2_OPTIONS = {  # config.model key: (default, DinoVisionTransformer field)
     "interpolate_antialias": (False, "interpolate_antialias"),
 }
 
+# DINOv3's ViTs by their torch.hub names (dinov3/hub/backbones.py: patch 16). The names fix
+# the sizes only; storage tokens, LayerScale, feed-forward and RoPE come from config.model.
+DINOV3_ARCHS: dict[str, dict[str, Any]] = {
+    f"dinov3_vit{name[4]}16": {"patch_size": 16, **_DINOV3_SIZES[name]}
+    for name in ("vit_small", "vit_base", "vit_large")
+}
+# config.model key: (default, VisionTransformer3 field). The first three are shared with
+# DINOv2's ViT (DINOV2_OPTIONS), the RoPE ones are DINOv3's alone.
+DINOV3_OPTIONS = {
+    "num_register_tokens": (0, "n_storage_tokens"),
+    "layerscale_init": (0.0, "layerscale_init"),
+    "ffn": ("mlp", "ffn_layer"),
+}
+ROPE_OPTIONS = {
+    "rope_base": (100.0, "rope_base"),
+    "rope_min_period": (None, "rope_min_period"),
+    "rope_max_period": (None, "rope_max_period"),
+    "rope_normalize_coords": ("separate", "rope_normalize_coords"),
+    "rope_shift_coords": (None, "rope_shift_coords"),
+    "rope_jitter_coords": (None, "rope_jitter_coords"),
+    "rope_rescale_coords": (None, "rope_rescale_coords"),
+    "rope_dtype": ("fp32", "rope_dtype"),
+}
+
 VIT_NAMES = (*VIT_ARCHS, "custom")
 DINOV2_NAMES = (*DINOV2_ARCHS, "dinov2")
+DINOV3_NAMES = (*DINOV3_ARCHS, "dinov3")
 RESNET_NAMES = (*RESNET_ARCHS, "resnet")
 XCIT_NAMES = (*XCIT_ARCHS, "xcit")
-ARCH_NAMES = (*VIT_NAMES, *DINOV2_NAMES, *RESNET_NAMES, *XCIT_NAMES)
-FAMILIES = {"vit": VIT_NAMES, "dinov2": DINOV2_NAMES, "resnet": RESNET_NAMES, "xcit": XCIT_NAMES}
+ARCH_NAMES = (*VIT_NAMES, *DINOV2_NAMES, *DINOV3_NAMES, *RESNET_NAMES, *XCIT_NAMES)
+FAMILIES = {
+    "vit": VIT_NAMES,
+    "dinov2": DINOV2_NAMES,
+    "dinov3": DINOV3_NAMES,
+    "resnet": RESNET_NAMES,
+    "xcit": XCIT_NAMES,
+}
+# The families whose backbone is a ViT: patch grid, intermediate blocks (linear probe)
+VIT_FAMILIES = ("vit", "dinov2", "dinov3")
 
 
 def family(arch: str) -> str:
-    """ "vit", "dinov2", "resnet" or "xcit"; ValueError for a name that is none of them."""
+    """ "vit", "dinov2", "dinov3", "resnet" or "xcit"; ValueError for a name that is none."""
     for name, names in FAMILIES.items():
         if arch in names:
             return name
@@ -64,6 +101,21 @@ def dinov2_sizes(m) -> dict[str, Any]:
     options["init_values"] = options["init_values"] or None  # 0: no LayerScale
     if m.arch in DINOV2_ARCHS:
         return {**options, **DINOV2_ARCHS[m.arch]}
+    sizes = {"embed_dim": m.embed_dim, "depth": m.depth, "num_heads": m.num_heads}
+    return {**options, "patch_size": m.patch_size, **sizes}
+
+
+def dinov3_sizes(m) -> dict[str, Any]:
+    """The VisionTransformer3 fields of a DINOv3 `config.model`: its sizes (a hub name's or
+    embed_dim / depth / num_heads / patch_size), storage tokens, LayerScale, feed-forward and
+    RoPE. Both RoPE periods set: they parametrise the periods, rope_base is unused (None)."""
+    keys = {**DINOV3_OPTIONS, **ROPE_OPTIONS}
+    options = {field: m[key] for key, (_, field) in keys.items()}
+    options["layerscale_init"] = options["layerscale_init"] or None  # 0: no LayerScale
+    if m.rope_min_period is not None and m.rope_max_period is not None:
+        options["rope_base"] = None
+    if m.arch in DINOV3_ARCHS:
+        return {**options, **DINOV3_ARCHS[m.arch]}
     sizes = {"embed_dim": m.embed_dim, "depth": m.depth, "num_heads": m.num_heads}
     return {**options, "patch_size": m.patch_size, **sizes}
 
@@ -101,7 +153,10 @@ def vit_sizes(m) -> dict[str, Any]:
 
 def build_backbone(m, *, img_size: int, dtype, param_dtype, attention_impl=None):
     """The backbone of a validated `config.model`. `img_size` (the global crop size) fixes
-    the ViT's stored position grid; the others take any input size."""
+    the stored position grid of DINO's and DINOv2's ViTs; the others take any input size.
+
+    DINOv3's ViT uses model.drop_path_rate in every block, as the official
+    DinoVisionTransformer does, where DINO's ViT ramps it up linearly over the blocks."""
     kind = family(m.arch)
     layers = {"dtype": dtype, "param_dtype": param_dtype}
     if kind == "resnet":
@@ -116,6 +171,13 @@ def build_backbone(m, *, img_size: int, dtype, param_dtype, attention_impl=None)
             **dinov2_sizes(m),
             **layers,
         )
+    if kind == "dinov3":
+        return VisionTransformer3(
+            drop_path_rate=m.drop_path_rate,
+            attention_impl=attention_impl,
+            **dinov3_sizes(m),
+            **layers,
+        )
     return VisionTransformer(
         patch_size=m.patch_size,
         img_size=img_size,
@@ -127,12 +189,14 @@ def build_backbone(m, *, img_size: int, dtype, param_dtype, attention_impl=None)
 
 
 def is_vit(backbone) -> bool:
-    """Whether a built backbone is a ViT, DINO's or DINOv2's (intermediate blocks, patch grid)."""
-    return isinstance(backbone, (VisionTransformer, DinoVisionTransformer))
+    """Whether a built backbone is a ViT, DINO's, DINOv2's or DINOv3's (a patch grid, and
+    `n_last_blocks` intermediate outputs without registers / storage tokens)."""
+    return isinstance(backbone, (VisionTransformer, DinoVisionTransformer, VisionTransformer3))
 
 
 def has_attention_maps(backbone) -> bool:
-    """Whether a built backbone returns its last block's attention (DINO's ViT)."""
+    """Whether a built backbone returns its last block's attention (DINO's ViT only: DINOv2's
+    and DINOv3's return none)."""
     return isinstance(backbone, VisionTransformer)
 
 

@@ -55,6 +55,9 @@ class ViT3Output:
     storage_tokens: jax.Array  # (B, n_storage, D): final-norm storage tokens
     patch_tokens: jax.Array  # (B, HW, D): final-norm patch tokens (x_norm_patchtokens)
     prenorm: jax.Array  # (B, 1 + n_storage + HW, D): last block's output (x_prenorm)
+    # final-norm (B, 1 + HW, D) outputs of the last n blocks, CLS then patches, storage tokens
+    # dropped: get_intermediate_layers(norm=True) in DINO v1's layout (the linear probe's)
+    intermediates: tuple[jax.Array, ...] = ()
 
     @property
     def feature(self) -> jax.Array:
@@ -271,10 +274,14 @@ class VisionTransformer3(_Layers):
         train: bool = False,
         use_running_average: bool = True,
         masks: jax.Array | None = None,
+        n_last_blocks: int = 0,
     ) -> ViT3Output:
         """x: (B, H, W, C). masks: optional (B, HW) bool, True where a patch token is replaced
-        by `mask_token` (iBOT). `use_running_average` is unused (no BatchNorm)."""
+        by `mask_token` (iBOT). `n_last_blocks`: also the final-norm outputs of that many last
+        blocks (`intermediates`). `use_running_average` is unused (no BatchNorm)."""
         del use_running_average
+        if not 0 <= n_last_blocks <= self.depth:
+            raise ValueError(f"n_last_blocks={n_last_blocks} outside [0, depth={self.depth}]")
         if self.norm_layer not in NORM_EPS:
             raise ValueError(f"norm_layer={self.norm_layer!r}, not one of {sorted(NORM_EPS)}")
         if self.ffn_layer != "mlp" and self.ffn_layer not in SWIGLU_ALIGN:
@@ -307,6 +314,11 @@ class VisionTransformer3(_Layers):
 
         # Without augmentation every block gets the same sin / cos: computed once.
         sin_cos = None if self._augments_rope(train) else self._sin_cos(rows, cols, train)
+        norms = (
+            self.norm("cls_norm") if self.untie_cls_and_patch_norms else None,
+            self.norm("norm"),
+        )
+        intermediates = []
         for i in range(self.depth):
             x = Block(
                 num_heads=self.num_heads,
@@ -323,20 +335,28 @@ class VisionTransformer3(_Layers):
                 name=f"blocks_{i}",
                 **layers,
             )(x, sin_cos or self._sin_cos(rows, cols, train), train)
+            if i >= self.depth - n_last_blocks:
+                prefix_out, patch = self._final_norm(x, *norms)
+                intermediates.append(jnp.concatenate([prefix_out[:, :1], patch], axis=1))
 
-        n_prefix = 1 + self.n_storage_tokens
-        patch = self.norm("norm")(x[:, n_prefix:]) if self.untie_cls_and_patch_norms else None
-        if self.untie_cls_and_patch_norms:
-            prefix_out = self.norm("cls_norm")(x[:, :n_prefix])
-        else:
-            normed = self.norm("norm")(x)
-            prefix_out, patch = normed[:, :n_prefix], normed[:, n_prefix:]
+        prefix_out, patch = self._final_norm(x, *norms)
         return ViT3Output(
             cls=prefix_out[:, 0],
             storage_tokens=prefix_out[:, 1:],
             patch_tokens=patch,
             prenorm=x,
+            intermediates=tuple(intermediates),
         )
+
+    def _final_norm(self, x: jax.Array, cls_norm, norm) -> tuple[jax.Array, jax.Array]:
+        """(CLS and storage tokens, patch tokens) of (B, 1 + n_storage + HW, D) tokens after
+        the final norm: `norm` over all, or `cls_norm` over the first and `norm` over the
+        patches when they are untied (`cls_norm` is then not None)."""
+        n_prefix = 1 + self.n_storage_tokens
+        if cls_norm is not None:
+            return cls_norm(x[:, :n_prefix]), norm(x[:, n_prefix:])
+        normed = norm(x)
+        return normed[:, :n_prefix], normed[:, n_prefix:]
 
 
 def build_vit3(arch: str, **overrides: Any) -> VisionTransformer3:
