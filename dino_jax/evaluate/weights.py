@@ -155,15 +155,17 @@ def load_weights(
 ) -> tuple[Any, dict[str, Any], WeightsInfo]:
     """(backbone, variables, info) for `model.apply(variables, images)`.
 
-    `path`: a work directory (its latest checkpoint) or an official full `checkpoint.pth` /
-    backbone `*_pretrain.pth`. `which`: the teacher (what the official evaluations use) or the
-    student. `num_heads`: only for official files whose width is not an official size.
-    `dtype`: compute dtype; float32 as the official evaluation scripts, None keeps the
-    training config's (work directories).
+    `path`: a work directory (its latest checkpoint), an official full `checkpoint.pth` /
+    backbone `*_pretrain.pth`, or a released model's name (`dino_vits16`, ...:
+    dino_jax.hub.names()), downloaded once. `which`: the teacher (what the official
+    evaluations use) or the student. `num_heads`: only for official files whose width is not
+    an official size. `dtype`: compute dtype; float32 as the official evaluation scripts,
+    None keeps the training config's (work directories).
     """
     path = os.fspath(path)
     if which not in WHICH:
         raise WeightsError(f"which={which!r}: use one of {WHICH}")
+    path = _released_file(path)
     if not os.path.exists(path):
         raise WeightsError(f"{path} does not exist: give a work directory or a .pth file")
     if os.path.isdir(path):
@@ -186,6 +188,19 @@ def load_weights(
         )
         return backbone, {**backbone_vars, "params": params}, info
     return _load_pth(path, which, num_heads, dtype)
+
+
+def _released_file(path: str) -> str:
+    """`path`, or for a released model's name (dino_jax.hub.names()) and no such file here,
+    its official file, downloaded once into the hub's cache."""
+    from dino_jax import hub
+
+    if path not in hub.names() or os.path.exists(path):
+        return path
+    try:
+        return hub.download(path)
+    except hub.HubError as err:
+        raise WeightsError(str(err)) from None
 
 
 def _load_pth(path: str, which: str, num_heads: int | None, dtype: str | None):
