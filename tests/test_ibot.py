@@ -408,10 +408,10 @@ def test_collate_per_ratio_counts_and_determinism(meta):
         np.testing.assert_allclose(jnp.sum(w, -1), (counts > 0).astype(float), rtol=1e-6)
     wrong = [_iid_ratio_collate(masks_rng(7, s), n_images, gen, n_tokens) for s in range(20)]
     assert any(_bins_violated(c, n_tokens, slack) for c in wrong)
-    # Determinism: the same (seed, step, process) gives the same masks; others differ.
+    # Determinism: the same (seed, step, chunk) gives the same masks; others differ.
     a = collate_masks(masks_rng(7, 3), n_images, gen).collated_masks
     np.testing.assert_array_equal(a, collate_masks(masks_rng(7, 3), n_images, gen).collated_masks)
-    for rng in (masks_rng(7, 4), masks_rng(8, 3), masks_rng(7, 3, process_index=1)):
+    for rng in (masks_rng(7, 4), masks_rng(8, 3), masks_rng(7, 3, chunk=1)):
         assert not np.array_equal(a, collate_masks(rng, n_images, gen).collated_masks)
 
 
