@@ -1,4 +1,4 @@
-"""Evaluate a backbone: `dino-jax-evaluate {knn,linear,attention} --weights W [...]`.
+"""Evaluate a backbone: `dino-jax-evaluate {knn,linear,attention,video} --weights W [...]`.
 
 W is a dino_jax work directory (its latest checkpoint) or an official `.pth`. The config is the
 work directory's saved one (or `--config=NAME|FILE`, or the defaults for a .pth), with keys set
@@ -39,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     attention = commands.add_parser(
         "attention", help="attention maps of one image", allow_abbrev=False
     )
-    for sub in (knn, linear, attention):
+    video = commands.add_parser(
+        "video",
+        help="attention video of a video file or a folder of frames (video_generation.py)",
+        allow_abbrev=False,
+    )
+    for sub in (knn, linear, attention, video):
         sub.add_argument("--weights", required=True, help="work directory or official .pth")
         sub.add_argument("--which", default="teacher", choices=("teacher", "student"))
         sub.add_argument("--num_heads", type=int, default=None, help="for non-official widths")
@@ -75,6 +80,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention mass the masks keep; a negative value writes no masks",
     )
     attention.add_argument("--out", required=True, help="output directory for the PNGs")
+    video.add_argument(
+        "--input", required=True, help="a video file, or a folder of frames (sorted by name)"
+    )
+    video.add_argument(
+        "--out", required=True, help="a new or empty directory for the PNGs and videos"
+    )
+    video.add_argument(
+        "--resize",
+        nargs="+",
+        default=["480"],
+        help="frames' shorter side (aspect kept), or height width, or 'none' to keep their"
+        " size (the official default: much memory for big frames)",
+    )
+    video.add_argument(
+        "--threshold",
+        type=float,
+        default=0.6,
+        help="attention mass the mask video keeps; a negative value makes none",
+    )
+    video.add_argument(
+        "--fps", type=float, default=None, help="output frame rate (default: the video's, or 30)"
+    )
+    video.add_argument("--batch_size", type=int, default=8, help="frames per forward pass")
     return parser
 
 
@@ -180,6 +208,69 @@ def run_attention(args, backbone, variables, info) -> dict[str, Any]:
     return {**info.describe(), "image": args.image, "written": written}
 
 
+def video_size(resize: list[str]) -> int | tuple[int, int] | None:
+    """--resize as attention.prepare_image takes it; ValueError if it is none of its forms."""
+    if [r.lower() for r in resize] == ["none"]:
+        return None
+    try:
+        sizes = [int(r) for r in resize]
+    except ValueError:
+        sizes = []
+    if not 1 <= len(sizes) <= 2 or min(sizes) < 1:
+        raise ValueError(
+            f"--resize {' '.join(resize)}: one positive int (the shorter side), two (height"
+            " width) or 'none'"
+        )
+    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+
+
+def run_video(args, backbone, variables, info) -> dict[str, Any]:
+    from dino_jax.evaluate.video import import_av, make_video
+
+    threshold = None if args.threshold < 0 else args.threshold
+    try:
+        result = make_video(
+            args.input,
+            backbone,
+            variables,
+            args.out,
+            mean=info.mean,
+            std=info.std,
+            image_size=video_size(args.resize),
+            threshold=threshold,
+            fps=args.fps,
+            batch_size=args.batch_size,
+            show_progress=_writer(),
+        )
+    except import_av().FFmpegError as err:  # a damaged frame past the first, a full disk
+        cli.fail(PROG, f"--input {args.input}: the video stopped ({err}); {args.out} is partial")
+    return {**info.describe(), **result}
+
+
+def video_errors(args) -> list[str]:
+    """What is wrong with the video command's options and input, before the weights are
+    read: sizes and rates, the input (a folder's images checked, a video's first frame
+    decoded) and an output folder that already holds files (stale frames would mix in)."""
+    from dino_jax.evaluate.video import input_error
+
+    errors = []
+    try:
+        video_size(args.resize)
+    except ValueError as err:
+        errors.append(str(err))
+    if args.fps is not None and not args.fps > 0:
+        errors.append(f"--fps {args.fps}: a positive frame rate")
+    if args.batch_size < 1:
+        errors.append(f"--batch_size {args.batch_size}: at least 1")
+    errors.append(input_error(args.input))
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        errors.append(
+            f"--out {args.out} is not empty: give a new or empty directory (the frames of an"
+            " earlier video would mix with the new ones)"
+        )
+    return errors
+
+
 def argument_errors(args) -> list[str]:
     """What is wrong with the options, found before the weights are read: the output
     folders must be (or be creatable as) writable directories, the image an image."""
@@ -199,6 +290,8 @@ def argument_errors(args) -> list[str]:
                 f"--image_size {' '.join(map(str, args.image_size))}: one positive int (the"
                 " shorter side) or two (height width)"
             )
+    if args.command == "video":
+        errors += video_errors(args)
     return [e for e in errors if e]
 
 
@@ -275,8 +368,11 @@ def evaluate(argv: list[str] | None = None) -> dict[str, Any]:
     """Run one command; returns (and prints) its results as a JSON-friendly dict."""
     cmd = cli.parse_command(build_parser, argv)
     args = cmd.args
-    if args.command == "attention" and (cmd.overrides or cmd.recipe):
-        cli.fail(PROG, "attention takes no config (it reads the weights and the image only)")
+    if args.command in ("attention", "video") and (cmd.overrides or cmd.recipe):
+        cli.fail(
+            PROG,
+            f"{args.command} takes no config (it reads the weights and the images only)",
+        )
     errors = argument_errors(args)
     if errors:
         cli.fail(PROG, "invalid command line:\n  - " + "\n  - ".join(errors))
@@ -304,16 +400,21 @@ def _evaluate(cmd: cli.Command) -> dict[str, Any]:
         )
     except (WeightsError, UnsafeCheckpointError) as err:
         cli.fail(PROG, str(err))
+    if args.command in ("attention", "video") and not has_attention_maps(backbone):
+        cli.fail(
+            PROG,
+            f"attention maps need DINO's ViT: {args.weights} holds a"
+            f" {type(backbone).__name__}, which returns no CLS self-attention to show",
+        )
     if args.command == "attention":
-        if not has_attention_maps(backbone):
-            cli.fail(
-                PROG,
-                f"attention maps need DINO's ViT: {args.weights} holds a"
-                f" {type(backbone).__name__}, which has no CLS self-attention to show",
-            )
         if min(args.image_size) < backbone.patch_size:
             cli.fail(PROG, f"--image_size: at least one {backbone.patch_size}-px patch")
         result = run_attention(args, backbone, variables, info)
+    elif args.command == "video":
+        size = video_size(args.resize)
+        if size is not None and min(np.atleast_1d(size)) < backbone.patch_size:
+            cli.fail(PROG, f"--resize: at least one {backbone.patch_size}-px patch")
+        result = run_video(args, backbone, variables, info)
     else:
         config = cli.command_config(cmd, base=info.config)
         mesh = parallel.make_mesh()
