@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     for sub in (knn, linear, attention, video):
-        sub.add_argument("--weights", required=True, help="work directory or official .pth")
+        sub.add_argument(
+            "--weights",
+            required=True,
+            help="work directory, official .pth, or a released model's name (dino_vits16, ...)",
+        )
         sub.add_argument("--which", default="teacher", choices=("teacher", "student"))
         sub.add_argument("--num_heads", type=int, default=None, help="for non-official widths")
         sub.add_argument(
