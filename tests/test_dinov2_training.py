@@ -5,30 +5,14 @@ its teacher exports to the official DINOv2 state-dict names."""
 import jax
 import numpy as np
 from helpers.states import assert_states_equal, steps_on_meshes
+from helpers.tiny import demo_recipe
 
-from dino_jax import cli
 from dino_jax.interop.dinov2 import load_dinov2_pth, save_dinov2_backbone
 from dino_jax.trainer import train
 
-# the demo recipe cut to test size: smaller batch and crops, a few steps
-SMALL = {
-    "optim.batch_size": 16,
-    "aug.n_local": 2,
-    "data.split": "test",
-    "data.eval_train_split": "",
-    "data.eval_test_split": "",
-    "eval.report_baselines": False,
-    "train.progress_bar": False,
-    "train.checkpoint_every_steps": 3,
-}
-
 
 def config(**overrides):
-    c = cli.load_config("demo_dinov2")
-    for key, value in {**SMALL, **overrides}.items():
-        section, leaf = key.split(".")
-        c[section][leaf] = value
-    return c
+    return demo_recipe("demo_dinov2", **overrides)
 
 
 def test_the_recipe_trains_resumes_and_exports(tmp_path):

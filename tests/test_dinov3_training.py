@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 from helpers.states import assert_states_equal, steps_on_meshes
+from helpers.tiny import demo_recipe
 
-from dino_jax import cli, parallel, recipe
+from dino_jax import parallel, recipe
 from dino_jax.evaluate.cli import evaluate
 from dino_jax.evaluate.features import backbone_features
 from dino_jax.evaluate.knn_eval import knn_evaluation
@@ -19,28 +20,12 @@ from dino_jax.state import backbone_variables
 from dino_jax.train_step import dino_update
 from dino_jax.trainer import train
 
-# the demo recipe cut to test size: smaller batch and crops, a few steps
-SMALL = {
-    "optim.batch_size": 16,
-    "aug.n_local": 2,
-    "data.split": "test",
-    "data.eval_train_split": "",
-    "data.eval_test_split": "",
-    "eval.report_baselines": False,
-    "train.progress_bar": False,
-    "train.checkpoint_every_steps": 3,
-    "model.depth": 2,
-    "dino.gram_start_step": 2,  # the Gram term on within the tests' few steps
-    "dino.gram_update_every": 2,
-}
+# at test size, with a shallower network and the Gram term on within the tests' few steps
+SMALL = {"model.depth": 2, "dino.gram_start_step": 2, "dino.gram_update_every": 2}
 
 
 def config(**overrides):
-    c = cli.load_config("demo_dinov3")
-    for key, value in {**SMALL, **overrides}.items():
-        section, leaf = key.split(".")
-        c[section][leaf] = value
-    return c
+    return demo_recipe("demo_dinov3", **{**SMALL, **overrides})
 
 
 @pytest.fixture(scope="module")

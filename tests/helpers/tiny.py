@@ -93,3 +93,27 @@ TINY_RESNET = {
     "model.resnet_depths": (1, 1, 1, 1),
 }
 TINY_XCIT = {"model.arch": "xcit", "model.embed_dim": 16, "model.patch_size": 8}
+
+
+# A bundled demo recipe cut to test size: smaller batch and crops, no evaluation, a few steps.
+DEMO_AT_TEST_SIZE = {
+    "optim.batch_size": 16,
+    "aug.n_local": 2,
+    "data.split": "test",
+    "data.eval_train_split": "",
+    "data.eval_test_split": "",
+    "eval.report_baselines": False,
+    "train.progress_bar": False,
+    "train.checkpoint_every_steps": 3,
+}
+
+
+def demo_recipe(name: str, **overrides):
+    """configs/`name`.py at test size (DEMO_AT_TEST_SIZE), then `overrides`."""
+    from dino_jax import cli
+
+    c = cli.load_config(name)
+    for key, value in {**DEMO_AT_TEST_SIZE, **overrides}.items():
+        node, leaf = dotted(c, key)
+        node[leaf] = value
+    return c
