@@ -76,9 +76,11 @@ class MultiCropNetwork(nn.Module):
                 patch_tokens = out.patch_tokens.reshape(batch, n, *out.patch_tokens.shape[1:])
         # One head call on every crop at once, as the official wrapper does (a BatchNorm in
         # the head sees global and local features together).
-        features = jnp.concatenate(features, axis=1)  # (B, n_crops, D)
-        logits = self.head(features, use_running_average=use_running_average)
-        logits = jnp.swapaxes(logits, 0, 1)  # (n_crops, B, K)
+        # Crop-major before the head: the (n_crops, B, D) features are small, the (n_crops, B,
+        # K) logits are not, so they never need a transpose (the head acts per feature; a
+        # BatchNorm in it sees the same set of features either way).
+        features = jnp.swapaxes(jnp.concatenate(features, axis=1), 0, 1)  # (n_crops, B, D)
+        logits = self.head(features, use_running_average=use_running_average)  # (n_crops, B, K)
         patch_logits = None
         if patch_index is not None:
             patch_logits = self._patch_logits(patch_tokens, patch_index, use_running_average)
@@ -88,7 +90,7 @@ class MultiCropNetwork(nn.Module):
             return logits
         return MultiCropOutputs(
             logits=logits,
-            features=jnp.swapaxes(features, 0, 1),
+            features=features,
             patch_tokens=None if patch_tokens is None else jnp.swapaxes(patch_tokens, 0, 1),
             patch_logits=patch_logits,
         )
