@@ -35,12 +35,12 @@ def poison(monkeypatch, steps, *, where: str = "input") -> None:
     update = train_step_module.dino_update
     bad_steps = jnp.asarray(steps)
 
-    def poisoned(state, crops, key, hp):
+    def poisoned(state, crops, key, hp, *rest):  # rest: iBOT's masks
         bad = jnp.isin(state.step, bad_steps)
         if where == "input":
             crops = tuple(jnp.where(bad, jnp.nan, c) for c in crops)
-            return update(state, crops, key, hp)
-        new_state, metrics = update(state, crops, key, hp)
+            return update(state, crops, key, hp, *rest)
+        new_state, metrics = update(state, crops, key, hp, *rest)
         student = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), new_state.student)
         return new_state.replace(student=student), metrics
 
