@@ -104,6 +104,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = "bfloat16"
     c.model.param_dtype = "float32"
     c.model.attention = "auto"  # auto (= xla) | xla | cudnn (see recipe.attention_implementation)
+    # ViTs' token sequences padded to a multiple of this for fused attention kernels, the
+    # padding masked out (0: no padding); the result equals the unpadded attention
+    c.model.attention_pad = 0
+    c.model.gelu = "exact"  # exact (the official nn.GELU) | tanh (faster on GPUs: a speed option)
+    # activation checkpointing of the blocks, for larger per-device batches: none | block (the
+    # whole block recomputed in the backward pass) | dots (matmul outputs kept, the rest redone)
+    c.model.remat = "none"
 
     c.dino = ml_collections.ConfigDict()
     c.dino.student_temp = 0.1
@@ -172,6 +179,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.aug.blur_radius = (0.1, 2.0)
     c.aug.mean = (0.485, 0.456, 0.406)
     c.aug.std = (0.229, 0.224, 0.225)
+    # resample each crop from a window of the canvas that covers its box instead of the whole
+    # canvas: the same crops, less work
+    c.aug.window = False
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "tfds"  # tfds | folder | demo | synthetic
@@ -198,6 +208,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.allow_config_change = False  # resume although the recipe changed (lr, epochs)
     c.train.fsdp = False  # shard params and optimiser state over devices (large models)
     c.train.progress_bar = True
+    # compiled steps queued ahead of the host (metrics are fetched every log_every_steps, one
+    # interval late; the non-finite check runs on the device)
+    c.train.steps_in_flight = 2
+    # XLA's persistent compilation cache, so a resumed or restarted run loads its compiled
+    # step: "auto" ($DINO_JAX_CACHE or ~/.cache/dino_jax, under xla/), a folder, or "" (off)
+    c.train.compilation_cache = "auto"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.knn_every_epochs = 0  # 0: only at the end of training

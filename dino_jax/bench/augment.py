@@ -1,6 +1,9 @@
 """On-device multi-crop augmentation cost for a full batch: ms per batch and images/s.
 
 python -m dino_jax.bench.augment --batch 128 (ViT-S/16 recipe: 2x224 + 10x96 from 512^2 canvases).
+--config.aug.window=True also runs the windowed resampling (config.aug.window) and compares it
+with the whole-canvas one: one JSON line per setting, the second with its speed-up and how many
+output values differ.
 """
 
 from __future__ import annotations
@@ -43,6 +46,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="jax.default_matmul_precision for the resize matmuls (e.g. tensorfloat32, highest)",
     )
     p.add_argument(
+        "--config.aug.window",
+        dest="window",
+        type=_flag,
+        default=False,
+        help="True: also time config.aug.window = True against the whole canvas",
+    )
+    p.add_argument(
         "--train-gflop",
         type=float,
         default=VIT_S16_GFLOP_PER_IMAGE,
@@ -57,17 +67,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _flag(text: str) -> bool:
+    if text.lower() in ("true", "1"):
+        return True
+    if text.lower() in ("false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: use True or False")
+
+
+def windows(cfg: augment.MultiCropConfig, canvas: int) -> dict[str, tuple[int, int]]:
+    """The (height, width) of the canvas each kind of crop is resampled from."""
+    kinds = {"global": cfg.global_scale, "local": cfg.local_scale}
+    return {
+        kind: augment.crop_window(cfg, scale, (canvas, canvas)) or (canvas, canvas)
+        for kind, scale in kinds.items()
+    }
+
+
 def matmul_gflop(cfg: augment.MultiCropConfig, canvas: int) -> float:
-    """GFLOP per image of the resize matmuls: (out, L) x (L, L*3) then (out, L) x (L, out*3)."""
+    """GFLOP per image of the resize matmuls from an (h, w) window (the canvas without
+    cfg.window): (out, w) x (w, h*3) then (out, h) x (h, out*3)."""
     total = 0.0
-    for out, n in ((cfg.global_size, cfg.n_global), (cfg.local_size, cfg.n_local)):
-        total += n * 2 * 3 * (out * canvas * canvas + out * canvas * out)
+    sizes = windows(cfg, canvas)
+    for kind, out, n in (
+        ("global", cfg.global_size, cfg.n_global),
+        ("local", cfg.local_size, cfg.n_local),
+    ):
+        h, w = sizes[kind]
+        total += n * 2 * 3 * (out * w * h + out * h * out)
     return total / 1e9
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, window: bool = False) -> dict:
+    """Times the multi-crop of one batch with config.aug.window = `window`; the figures and,
+    under "crops_of_step_0", the crops of the first timed input (for comparisons)."""
     aug = default_config().aug
     aug.update(global_size=args.global_size, local_size=args.local_size, n_local=args.n_local)
+    aug.window = window
     cfg = augment.MultiCropConfig.from_config(aug)
     dtype = jnp.dtype(args.dtype)
     height, width = args.image_hw
@@ -98,6 +134,7 @@ def run(args: argparse.Namespace) -> dict:
         jax.block_until_ready(compiled(jnp.int32(args.warmup + i), images, sizes))
         times.append(time.perf_counter() - start)
     ms = 1e3 * statistics.median(times)
+    crops = jax.device_get(compiled(jnp.int32(0), images, sizes))
     xla = xla_flops(compiled)
     xla_gflop = None if xla is None else round(xla / 1e9 / args.batch, 3)
     result = {
@@ -108,12 +145,14 @@ def run(args: argparse.Namespace) -> dict:
         "canvas": args.canvas,
         "image_hw": [height, width],
         "dtype": dtype.name,
+        "window": window,
+        "windows_hw": {kind: list(hw) for kind, hw in windows(cfg, args.canvas).items()},
         "matmul_precision": args.matmul_precision,
         "compile_s": round(compile_s, 2),
         "ms_per_batch": round(ms, 3),
         "ms_min": round(1e3 * min(times), 3),
         "images_per_s": round(args.batch / (ms / 1e3), 1),
-        "matmul_gflop_per_image": round(matmul_gflop(cfg, args.canvas), 3),
+        "matmul_gflop_per_image": round(matmul_gflop(cfg, args.canvas), 6),
         "xla_gflop_per_image": xla_gflop,
     }
     if args.train_gflop > 0:
@@ -123,19 +162,47 @@ def run(args: argparse.Namespace) -> dict:
         step_ms = 1e3 * args.batch / args.train_images_per_s
         result["train_images_per_s"] = args.train_images_per_s
         result["time_fraction_at_train_rate"] = round(ms / step_ms, 4)
-    return result
+    return {**result, "crops_of_step_0": crops}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def compare(full: dict, windowed: dict) -> dict:
+    """Speed-up of the windowed run and how far its crops are from the whole-canvas ones."""
+    diffs = [
+        np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))
+        for a, b in zip(full["crops_of_step_0"], windowed["crops_of_step_0"], strict=True)
+    ]
+    values = sum(d.size for d in diffs)
+    return {
+        "speedup_vs_full": round(full["ms_per_batch"] / windowed["ms_per_batch"], 3),
+        "matmul_flop_fraction_vs_full": round(
+            windowed["matmul_gflop_per_image"] / full["matmul_gflop_per_image"], 4
+        ),
+        "values_differing_vs_full": int(sum((d > 0).sum() for d in diffs)),
+        "values_compared": int(values),
+        "max_abs_diff_vs_full": float(max(d.max() for d in diffs)),
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """One JSON line per setting: the whole canvas, then (--config.aug.window=True) the
+    windowed resampling with its comparison. Returns the printed results."""
     args = parse_args(argv)
-    result = run(args)
-    print(
-        f"augment on {result['device']} ({result['backend']}): batch {result['batch']} "
-        f"[{result['crops']}] from {result['canvas']}^2 canvases: {result['ms_per_batch']:.1f} "
-        f"ms/batch, {result['images_per_s']:.1f} images/s (compile {result['compile_s']} s)"
-    )
-    print(json.dumps(result))
-    return result
+    full, printed = None, []
+    for window in (False, True) if args.window else (False,):
+        result = run(args, window)
+        if window:
+            result.update(compare(full, result))
+        else:
+            full = result
+        print(
+            f"augment on {result['device']} ({result['backend']}): batch {result['batch']} "
+            f"[{result['crops']}] from {result['canvas']}^2 canvases, window={window}: "
+            f"{result['ms_per_batch']:.1f} ms/batch, {result['images_per_s']:.1f} images/s "
+            f"(compile {result['compile_s']} s)"
+        )
+        printed.append({k: v for k, v in result.items() if k != "crops_of_step_0"})
+        print(json.dumps(printed[-1]), flush=True)
+    return printed
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # torchvision RandomResizedCrop's default aspect-ratio range: DataAugmentationDINO
 # (main_dino.py) passes no `ratio`.
@@ -20,6 +22,9 @@ _PIL_CUBIC_SUPPORT = 2.0
 
 # Uniform draws one crop box consumes: an area and a log-ratio per try, then top and left.
 BOX_UNIFORMS = 2 * RRC_TRIES + 2
+# Relative slack of `max_crop_box`'s bound, above the float32 rounding of the traced box
+# arithmetic (a few ulps, ~1e-6) so that the static bound can never be beaten by a traced box.
+_BOUND_SLACK = 1e-5
 
 
 def sample_crop_box(
@@ -132,6 +137,7 @@ def resized_crop(
     within: jax.Array | None = None,
     flip: jax.Array | bool = False,
     precision: jax.lax.PrecisionLike = None,
+    window: tuple[int, int] | None = None,
 ) -> jax.Array:
     """PIL-bicubic resize of `box` = (top, left, height, width) of an HWC image to `out_hw`.
 
@@ -141,6 +147,14 @@ def resized_crop(
     Resize-then-centre-crop (the eval transform) is one fractional box with `within` = the
     valid image (see `resize_center_crop_box`). `flip` mirrors the output horizontally at no
     cost by reversing the column weights. `box` may be fractional.
+
+    `window` (static (height, width)): resample only a window of the image that size, cut where
+    the pixels with a nonzero weight start, instead of the whole image. The caller guarantees
+    that these pixels span at most `window` (`max_crop_box` for RandomResizedCrop boxes read
+    with the default `within`; `support_span` where `within` is wider than the box). The
+    pixels left out have zero weights and the kept weights are the same floats, so only the
+    order of the float32 sums of the two passes changes: a value whose exact result is an
+    8-bit rounding tie (x.5) may then round to the neighbouring level (see `_cut_window`).
     """
     box = jnp.asarray(box, jnp.float32)
     within = box if within is None else jnp.asarray(within, jnp.float32)
@@ -148,6 +162,8 @@ def resized_crop(
     rows = axis_weights(box[0], box[2], within[0], within[0] + within[2], in_h, out_hw[0])
     cols = axis_weights(box[1], box[3], within[1], within[1] + within[3], in_w, out_hw[1])
     cols = jnp.where(flip, cols[::-1], cols)
+    if window is not None:
+        image, rows, cols = _cut_window(image, rows, cols, window)
     image = image.astype(jnp.float32)
     # Horizontal pass first, rounded into 8 bits as PIL stores it in a temporary image; then
     # the vertical pass, rounded likewise.
@@ -155,6 +171,85 @@ def resized_crop(
     tmp = jnp.floor(jnp.clip(tmp, 0.0, 255.0) + 0.5)
     out = jnp.einsum("py,yoc->poc", rows, tmp, precision=precision)  # (out_h, out_w, C)
     return jnp.floor(jnp.clip(out, 0.0, 255.0) + 0.5)
+
+
+def _cut_window(
+    image: jax.Array, rows: jax.Array, cols: jax.Array, window: tuple[int, int]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The (win_h, win_w, C) window of an (H, W, C) image and the matching columns of the
+    (out_h, H) row and (out_w, W) column weights.
+
+    The weights are those of the whole image, cut (not recomputed), so each kept weight is
+    bit-identical and their normalisation unchanged. Each axis's window starts at its first
+    pixel with a nonzero weight, moved back to fit inside the image where that pixel is
+    near the far border (`dynamic_slice` would clamp alike; the clamp is explicit so the
+    image and its weights are cut at the same place). A window as large as the image is
+    not cut.
+    """
+    starts, sizes = [], []
+    for weights, size in ((rows, window[0]), (cols, window[1])):
+        extent = weights.shape[1]
+        size = min(int(size), extent)
+        first = jnp.argmax(jnp.any(weights != 0.0, axis=0)).astype(jnp.int32)
+        starts.append(jnp.clip(first, 0, extent - size))
+        sizes.append(size)
+    (top, left), (win_h, win_w) = starts, sizes
+    if (win_h, win_w) == image.shape[:2]:
+        return image, rows, cols
+    image = jax.lax.dynamic_slice(image, (top, left, 0), (win_h, win_w, image.shape[2]))
+    rows = jax.lax.dynamic_slice_in_dim(rows, top, win_h, axis=1)
+    cols = jax.lax.dynamic_slice_in_dim(cols, left, win_w, axis=1)
+    return image, rows, cols
+
+
+@functools.lru_cache(maxsize=64)
+def max_crop_box(
+    in_hw: tuple[int, int], scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int]:
+    """The largest (height, width) `crop_box_from_uniforms` can return for any image that
+    fits `in_hw`: the static window of a RandomResizedCrop read from an `in_hw` canvas.
+
+    The box is what is read: torchvision crops before it resizes, so no filter support is
+    added. Bounded over every valid (H, W) <= in_hw: an accepted draw's side is at most the
+    rounded side of the largest area at the extreme aspect (and the image's side); where some
+    draw can fail (too tall, too wide or empty, so that all `RRC_TRIES` may), the central
+    fallback box counts too. Each float comparison is taken with `_BOUND_SLACK` the
+    conservative way. Global crops with scale up to 1 give the whole canvas.
+    """
+    up, down = 1.0 + _BOUND_SLACK, 1.0 - _BOUND_SLACK
+    s_lo, s_hi = scale
+    r_lo, r_hi = min(ratio), max(ratio)
+    h = np.arange(1, in_hw[0] + 1, dtype=np.float64)[:, None]
+    w = np.arange(1, in_hw[1] + 1, dtype=np.float64)[None, :]
+
+    def most(x):  # the largest value round(x) can take, x known to within the slack
+        return np.floor(x * up + 0.5)
+
+    def may_be_empty(x):  # round(x) may be 0 (half to even: round(0.5) = 0)
+        return x * down <= 0.5
+
+    area = h * w
+    tallest = most(np.sqrt(area * s_hi / r_lo))
+    widest = most(np.sqrt(area * s_hi * r_hi))
+    empty = may_be_empty(np.sqrt(area * s_lo / r_hi)) | may_be_empty(np.sqrt(area * s_lo * r_lo))
+    may_fall_back = (tallest > h) | (widest > w) | empty
+    # The fallback: the whole image, its height cut to round(W / r_lo) when it is too tall
+    # (never above H), its width to round(H * r_hi) when too wide.
+    fallback_h = np.where(w / h < r_lo * down, np.minimum(h, most(w / r_lo)), h)
+    fallback_w = np.where(w / h > r_hi * up, np.minimum(w, most(h * r_hi)), w)
+    box_h = np.maximum(np.minimum(h, tallest), np.where(may_fall_back, fallback_h, 0.0))
+    box_w = np.maximum(np.minimum(w, widest), np.where(may_fall_back, fallback_w, 0.0))
+    return int(box_h.max()), int(box_w.max())
+
+
+def support_span(length: float, out_size: int) -> int:
+    """Most source pixels with a nonzero weight along an axis where a box side of `length`
+    (or less) is resized to `out_size` and `within` does not cut it: the box plus PIL's
+    bicubic support, 2 * max(scale, 1) pixels on each side (the kernel widens when
+    shrinking), plus one for where the span's ends fall between pixels.
+    """
+    scale = length / out_size
+    return math.ceil(length - scale + 2 * _PIL_CUBIC_SUPPORT * max(scale, 1.0)) + 1
 
 
 def resize_center_crop_box(size_hw: jax.Array, resize: int, crop: int) -> jax.Array:
