@@ -162,23 +162,31 @@ def dino_update(
             patch_center=extras.get("patch_center"),
             gram_patch_tokens=gram_tokens,
         )
-        loss, terms = check_objective_result(hp.objective(outputs))
+        with jax.named_scope("loss"):
+            loss, terms = check_objective_result(hp.objective(outputs))
         return loss, (s_stats, terms)
 
     (loss, (s_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
-    updates, opt_state = hp.tx.update(grads, state.opt_state, state.student, step=step)
-    student = optax.apply_updates(state.student, updates)
+    with jax.named_scope("optimizer"):
+        updates, opt_state = hp.tx.update(grads, state.opt_state, state.student, step=step)
+        student = optax.apply_updates(state.student, updates)
+        grad_norm = global_norm(grads)
     momentum = sch.momentum(step)
-    if masks is not None:
-        extras["patch_center"] = update_patch_center_per_chunk(
-            extras["patch_center"], t_out.patch_logits, patch_weights, hp.center_momentum
-        )
+    with jax.named_scope("ema"):
+        teacher = ema(state.teacher, student, momentum)
+    with jax.named_scope("loss"):
+        if masks is not None:
+            extras["patch_center"] = update_patch_center_per_chunk(
+                extras["patch_center"], t_out.patch_logits, patch_weights, hp.center_momentum
+            )
+        center = update_center(state.center, t_out.logits, hp.center_momentum)
+        collapse = collapse_metrics(t_out.logits, state.center, teacher_temp)
     new_state = state.replace(
         step=step + 1,
         student=student,
-        teacher=ema(state.teacher, student, momentum),
+        teacher=teacher,
         opt_state=opt_state,
-        center=update_center(state.center, t_out.logits, hp.center_momentum),
+        center=center,
         student_stats=dict(s_stats.get("batch_stats", {})),
         teacher_stats=dict(t_stats.get("batch_stats", {})),
         extras=extras,
@@ -190,8 +198,8 @@ def dino_update(
         "train/wd": sch.wd(step),
         "train/momentum": momentum,
         "train/teacher_temp": teacher_temp,
-        "train/grad_norm": global_norm(grads),
-        **collapse_metrics(t_out.logits, state.center, teacher_temp),
+        "train/grad_norm": grad_norm,
+        **collapse,
     }
     return new_state, metrics
 
@@ -217,10 +225,11 @@ def train_step(
     or gradient is not finite leaves the state unchanged (but for the step count).
     """
     aug_key, drop_key = jax.random.split(jax.random.fold_in(base_key, state.step))
-    keys = jax.random.split(aug_key, batch["image"].shape[0])
-    global_crops, local_crops = multicrop(
-        keys, batch["image"], batch["size"], aug, dtype=compute_dtype
-    )
+    with jax.named_scope("augment"):
+        keys = jax.random.split(aug_key, batch["image"].shape[0])
+        global_crops, local_crops = multicrop(
+            keys, batch["image"], batch["size"], aug, dtype=compute_dtype
+        )
     crops = (global_crops, local_crops) if aug.n_local else (global_crops,)
     masks = None
     if hp.ibot_chunks is not None:

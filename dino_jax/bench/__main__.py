@@ -1,5 +1,5 @@
-"""`dino-jax-bench {step,augment,pipeline,predict} [options]` (or `python -m dino_jax.bench`): the
-project's benchmarks."""
+"""`dino-jax-bench {step,augment,pipeline,predict,profile,report} [options]` (or
+`python -m dino_jax.bench`): the project's benchmarks."""
 
 import importlib
 import sys
@@ -9,6 +9,8 @@ COMMANDS = {
     "augment": "on-device multi-crop augmentation cost",
     "pipeline": "host input pipeline throughput per CPU core",
     "predict": "predicted training time of a recipe on one accelerator (FLOPs / rate)",
+    "profile": "group the device time of a `step --profile DIR` trace again (matmul, ...)",
+    "report": "`step` JSON lines as markdown tables (for docs/performance.md)",
 }
 
 
