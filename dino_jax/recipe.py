@@ -41,6 +41,7 @@ def build_network(c: ml_collections.ConfigDict) -> MultiCropNetwork:
         dtype=compute,
         param_dtype=params,
         attention_impl=attention_implementation(m.attention),
+        attention_pad=m.attention_pad,
     )
     head = DINOHead(
         out_dim=m.out_dim,

@@ -201,3 +201,19 @@ def test_unsupported_exports_and_tensors_are_refused(tmp_path):
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(HFModelError, match=r"attention\.extra\.weight is not part of DINO's ViT"):
         load_hf(tmp_path)
+
+
+def test_a_tanh_gelu_model_exports_as_transformers_tanh_gelu_and_back(tmp_path):
+    """model.gelu='tanh' is transformers' 'gelu_pytorch_tanh': same features both ways; the
+    exact-GELU reading of the same weights is measurably off."""
+    tanh_vit = VIT.clone(gelu="tanh")
+    params = random_params(tanh_vit)
+    save_hf(tmp_path, tanh_vit, {"params": params})
+    assert json.loads((tmp_path / "config.json").read_text())["hidden_act"] == "gelu_pytorch_tanh"
+    hf = transformers.ViTModel.from_pretrained(tmp_path, add_pooling_layer=False).eval()
+    x, x_nchw = images(SIZE)
+    theirs = their_tokens(hf, x_nchw)
+    assert max_rel_err(our_tokens(tanh_vit, params, x), theirs) < TOL
+    assert max_rel_err(our_tokens(VIT, params, x), theirs) > 10 * TOL
+    model, variables = load_hf(tmp_path)
+    assert model.gelu == "tanh"

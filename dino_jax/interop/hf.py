@@ -154,6 +154,11 @@ def _vit_of(model: Any, variables: Mapping[str, Any]) -> tuple[VisionTransformer
     return model, params
 
 
+# model.gelu -> transformers' hidden_act, and back
+HF_GELUS = {"exact": "gelu", "tanh": "gelu_pytorch_tanh"}
+OUR_GELUS = {hf: ours for ours, hf in HF_GELUS.items()}
+
+
 def hf_config(model: VisionTransformer, dtype: Any = np.float32) -> dict[str, Any]:
     """The ViTConfig of `model` (a DINO VisionTransformer) as config.json holds it; `dtype`,
     of the weights, is written as `torch_dtype` (what from_pretrained(dtype="auto") uses)."""
@@ -164,7 +169,8 @@ def hf_config(model: VisionTransformer, dtype: Any = np.float32) -> dict[str, An
         "num_hidden_layers": model.depth,
         "num_attention_heads": model.num_heads,
         "intermediate_size": int(model.embed_dim * model.mlp_ratio),  # as vit.Block sizes it
-        "hidden_act": "gelu",  # transformers' exact (erf) GELU, the official nn.GELU
+        # transformers' exact (erf) GELU, the official nn.GELU, or its tanh approximation
+        "hidden_act": HF_GELUS[getattr(model, "gelu", "exact")],
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
         "initializer_range": 0.02,
@@ -284,9 +290,10 @@ def _vit_fields(config: Mapping[str, Any], where: str) -> dict[str, Any]:
         problems.append(f"head_dim {c['head_dim']!r:.20} is not hidden_size / num_attention_heads")
     if int(dim * (hidden / dim)) != hidden:
         problems.append(f"intermediate_size {hidden} is no int(hidden_size * mlp_ratio)")
-    if c["hidden_act"] != "gelu":
+    if c["hidden_act"] not in OUR_GELUS:
         problems.append(
-            f"hidden_act is {c['hidden_act']!r:.40}: DINO's ViT uses the exact GELU ('gelu')"
+            f"hidden_act is {c['hidden_act']!r:.40}: DINO's ViT uses the exact GELU ('gelu'),"
+            " or its tanh approximation ('gelu_pytorch_tanh', model.gelu='tanh')"
         )
     if c["layer_norm_eps"] not in ACCEPTED_EPS:
         problems.append(
@@ -313,6 +320,7 @@ def _vit_fields(config: Mapping[str, Any], where: str) -> dict[str, Any]:
         "mlp_ratio": hidden / dim,
         "qkv_bias": c["qkv_bias"],
         "img_size": image,
+        "gelu": OUR_GELUS[c["hidden_act"]],
     }
 
 

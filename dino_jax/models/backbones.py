@@ -151,9 +151,15 @@ def vit_sizes(m) -> dict[str, Any]:
     return dict(VIT_ARCHS[m.arch])
 
 
-def build_backbone(m, *, img_size: int, dtype, param_dtype, attention_impl=None):
+def build_backbone(
+    m, *, img_size: int, dtype, param_dtype, attention_impl=None, attention_pad: int = 0
+):
     """The backbone of a validated `config.model`. `img_size` (the global crop size) fixes
     the stored position grid of DINO's and DINOv2's ViTs; the others take any input size.
+    `attention_impl` and `attention_pad` choose the ViTs' attention kernel and its token
+    padding (recipe.attention_implementation, model.attention_pad): the same attention either
+    way. model.gelu sets the transformers' GELU and model.remat the ViT blocks' activation
+    checkpointing (validation refuses them where a family has no such thing).
 
     DINOv3's ViT uses model.drop_path_rate in every block, as the official
     DinoVisionTransformer does, where DINO's ViT ramps it up linearly over the blocks."""
@@ -162,29 +168,20 @@ def build_backbone(m, *, img_size: int, dtype, param_dtype, attention_impl=None)
     if kind == "resnet":
         return ResNet(**resnet_sizes(m), **layers)
     if kind == "xcit":
-        return XCiT(drop_path_rate=m.drop_path_rate, **xcit_sizes(m), **layers)
+        return XCiT(drop_path_rate=m.drop_path_rate, gelu=m.gelu, **xcit_sizes(m), **layers)
+    vit = {
+        "drop_path_rate": m.drop_path_rate,
+        "attention_impl": attention_impl,
+        "attention_pad": attention_pad,
+        "gelu": m.gelu,
+        "remat": m.remat,
+    }
     if kind == "dinov2":
-        return DinoVisionTransformer(
-            img_size=img_size,
-            drop_path_rate=m.drop_path_rate,
-            attention_impl=attention_impl,
-            **dinov2_sizes(m),
-            **layers,
-        )
+        return DinoVisionTransformer(img_size=img_size, **vit, **dinov2_sizes(m), **layers)
     if kind == "dinov3":
-        return VisionTransformer3(
-            drop_path_rate=m.drop_path_rate,
-            attention_impl=attention_impl,
-            **dinov3_sizes(m),
-            **layers,
-        )
+        return VisionTransformer3(**vit, **dinov3_sizes(m), **layers)
     return VisionTransformer(
-        patch_size=m.patch_size,
-        img_size=img_size,
-        drop_path_rate=m.drop_path_rate,
-        attention_impl=attention_impl,
-        **vit_sizes(m),
-        **layers,
+        patch_size=m.patch_size, img_size=img_size, **vit, **vit_sizes(m), **layers
     )
 
 

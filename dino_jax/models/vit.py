@@ -6,6 +6,7 @@ Parameter names mirror the official state-dict names (`blocks_0/attn/qkv` for
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -45,6 +46,67 @@ def torch_default_uniform(fan_in: int):
 def exact_gelu(x: jax.Array) -> jax.Array:
     # The official MLP uses nn.GELU() (erf form); jax.nn.gelu defaults to the tanh form.
     return nn.gelu(x, approximate=False)
+
+
+def tanh_gelu(x: jax.Array) -> jax.Array:
+    """GELU's tanh approximation (Hendrycks & Gimpel 2016, section 2), at most 4.8e-4 from
+    the exact one: not the official function but a speed option (GPU matmuls can fuse it into
+    their epilogue, where the erf form tends to become a kernel of its own)."""
+    return nn.gelu(x, approximate=True)
+
+
+# model.gelu: the activation of every MLP (and of XCiT's convolutions)
+GELUS = ("exact", "tanh")
+
+
+def gelu_fn(name: str):
+    """The GELU called `name`: "exact" (exact_gelu, the official nn.GELU) or "tanh"."""
+    if name == "exact":
+        return exact_gelu
+    if name == "tanh":
+        return tanh_gelu
+    raise ValueError(f"gelu={name!r} is not one of {GELUS}")
+
+
+# model.remat: what a block keeps for the backward pass. "block" keeps only its input and
+# recomputes the rest; "dots" also keeps the outputs of its matmuls without batch dimensions
+# (the Dense layers'), recomputing the attention, norms and activations.
+REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+REMATS = ("none", *REMAT_POLICIES)
+
+
+@functools.cache  # one class per block kind and setting, however many calls
+def remat_block(block: type[nn.Module], remat: str, static_argnums: tuple[int, ...]):
+    """`block` itself ("none"), or the block class whose activations are recomputed in the
+    backward pass (flax nn.remat): the same params (names included), values, gradients and
+    RNG draws, less activation memory for more compute. `static_argnums`: the positions of
+    its Python (bool) arguments, counting `self` as 0."""
+    if remat not in REMATS:
+        raise ValueError(f"remat={remat!r} is not one of {REMATS}")
+    if remat == "none":
+        return block
+    return nn.remat(block, static_argnums=static_argnums, policy=REMAT_POLICIES[remat])
+
+
+def fused_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None, pad_to: int = 0
+) -> jax.Array:
+    """jax.nn.dot_product_attention of (B, N, heads, head_dim) q, k, v -> (B, N, heads,
+    head_dim). With `pad_to` > 0 the token axis is zero-padded up to a multiple of it, the
+    padded keys masked out (key_value_seq_lengths = N), and the padded queries dropped: the
+    same attention, on sequence lengths fused kernels accept (cuDNN refuses N = 197 = 14 * 14
+    + 1 in training). Padded queries attend to the real keys only, so no row is empty."""
+    tokens = q.shape[1]
+    padded = -(-tokens // pad_to) * pad_to if pad_to else tokens
+    if padded == tokens:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    widths = ((0, 0), (0, padded - tokens), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
+    lengths = jnp.full((q.shape[0],), tokens, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q, k, v, key_value_seq_lengths=lengths, implementation=implementation
+    )
+    return out[:, :tokens]
 
 
 @struct.dataclass
@@ -87,6 +149,7 @@ class Attention(_Layers):
     num_heads: int = 6
     qkv_bias: bool = True
     implementation: str | None = None
+    pad_to: int = 0  # fused_attention's token padding (0: none)
 
     @nn.compact
     def __call__(self, x: jax.Array, return_weights: bool = False):
@@ -102,17 +165,18 @@ class Attention(_Layers):
             out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
         else:
             # The fused path (cuDNN flash attention on GPUs when asked for) whenever the
-            # weights themselves are not needed.
-            out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+            # weights themselves are not needed; the maps above are never padded.
+            out = fused_attention(q, k, v, self.implementation, self.pad_to)
         return self.dense(dim, "proj")(out.reshape(batch, tokens, dim)), weights
 
 
 class Mlp(_Layers):
     hidden_dim: int = 1536
+    gelu: str = "exact"  # a GELUS name
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = exact_gelu(self.dense(self.hidden_dim, "fc1")(x))
+        y = gelu_fn(self.gelu)(self.dense(self.hidden_dim, "fc1")(x))
         return self.dense(x.shape[-1], "fc2")(y)
 
 
@@ -122,6 +186,8 @@ class Block(_Layers):
     qkv_bias: bool = True
     drop_path: float = 0.0
     attention_impl: str | None = None
+    attention_pad: int = 0
+    gelu: str = "exact"
 
     def _drop_path(self, branch: jax.Array, train: bool) -> jax.Array:
         """Stochastic depth: drop a residual branch per sample, rescale the kept ones."""
@@ -139,12 +205,14 @@ class Block(_Layers):
             num_heads=self.num_heads,
             qkv_bias=self.qkv_bias,
             implementation=self.attention_impl,
+            pad_to=self.attention_pad,
             name="attn",
             **layers,
         )
         y, weights = attn(self.norm("norm1")(x), return_attention)
         x = x + self._drop_path(y, train)
-        mlp = Mlp(hidden_dim=int(x.shape[-1] * self.mlp_ratio), name="mlp", **layers)
+        hidden = int(x.shape[-1] * self.mlp_ratio)
+        mlp = Mlp(hidden_dim=hidden, gelu=self.gelu, name="mlp", **layers)
         x = x + self._drop_path(mlp(self.norm("norm2")(x)), train)
         return x, weights
 
@@ -187,6 +255,9 @@ class VisionTransformer(_Layers):
     img_size: int = 224  # sets the stored position grid: (img_size // patch_size)^2
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over the blocks
     attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
+    attention_pad: int = 0  # fused_attention's token padding (0: none)
+    gelu: str = "exact"  # a GELUS name
+    remat: str = "none"  # a REMATS name: activation checkpointing of each block
 
     @nn.compact
     def __call__(
@@ -231,14 +302,17 @@ class VisionTransformer(_Layers):
         rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
         intermediates = []
         weights = None
+        block = remat_block(Block, self.remat, static_argnums=(2, 3))  # train, return_attention
         for i in range(self.depth):
             last = i == self.depth - 1
-            x, weights = Block(
+            x, weights = block(
                 num_heads=self.num_heads,
                 mlp_ratio=self.mlp_ratio,
                 qkv_bias=self.qkv_bias,
                 drop_path=rates[i],
                 attention_impl=self.attention_impl,
+                attention_pad=self.attention_pad,
+                gelu=self.gelu,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"blocks_{i}",

@@ -17,7 +17,14 @@ import jax.numpy as jnp
 from flax import struct
 
 from dino_jax.models.pos_embed2 import interpolate_pos_embed2
-from dino_jax.models.vit import Attention, Mlp, PatchEmbed, _Layers, trunc_normal_02
+from dino_jax.models.vit import (
+    Attention,
+    Mlp,
+    PatchEmbed,
+    _Layers,
+    remat_block,
+    trunc_normal_02,
+)
 
 # Sizes of dinov2/models/vision_transformer.py's vit_small / vit_base / vit_large / vit_giant2;
 # the released backbones use patch 14, img_size 518 and LayerScale init 1 (hub/backbones.py).
@@ -110,6 +117,8 @@ class Block2(_Layers):
     drop_path: float = 0.0
     drop_path_subset: bool = True
     attention_impl: str | None = None
+    attention_pad: int = 0
+    gelu: str = "exact"
 
     def _scale(self, name: str) -> Callable[[jax.Array], jax.Array]:
         if not self.init_values:  # None or 0: no LayerScale, as the official nn.Identity
@@ -127,11 +136,15 @@ class Block2(_Layers):
         layers = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         norm1, norm2 = self.norm("norm1"), self.norm("norm2")
         attn = Attention(
-            num_heads=self.num_heads, implementation=self.attention_impl, name="attn", **layers
+            num_heads=self.num_heads,
+            implementation=self.attention_impl,
+            pad_to=self.attention_pad,
+            name="attn",
+            **layers,
         )
         hidden = int(x.shape[-1] * self.mlp_ratio)
         if self.ffn == "mlp":
-            ffn = Mlp(hidden_dim=hidden, name="mlp", **layers)
+            ffn = Mlp(hidden_dim=hidden, gelu=self.gelu, name="mlp", **layers)
         else:
             ffn = SwiGLUFFNFused(hidden_dim=hidden, name="mlp", **layers)
         ls1, ls2 = self._scale("ls1"), self._scale("ls2")
@@ -166,6 +179,9 @@ class DinoVisionTransformer(_Layers):
     drop_path_uniform: bool = False  # every block at drop_path_rate (DINOv2's configs: True)
     drop_path_subset: bool = True
     attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
+    attention_pad: int = 0  # vit.fused_attention's token padding (0: none)
+    gelu: str = "exact"  # vit.GELUS name of the MLP's activation (ffn="mlp")
+    remat: str = "none"  # vit.REMATS name: activation checkpointing of each block
 
     def _drop_rates(self) -> list[float]:
         if self.drop_path_uniform:
@@ -231,8 +247,9 @@ class DinoVisionTransformer(_Layers):
         first_patch = 1 + self.num_register_tokens
         final_norm = self.norm("norm")
         intermediates = []
+        block = remat_block(Block2, self.remat, static_argnums=(2,))  # train
         for i, rate in enumerate(self._drop_rates()):
-            x = Block2(
+            x = block(
                 num_heads=self.num_heads,
                 mlp_ratio=self.mlp_ratio,
                 ffn=self.ffn,
@@ -240,6 +257,8 @@ class DinoVisionTransformer(_Layers):
                 drop_path=rate,
                 drop_path_subset=self.drop_path_subset,
                 attention_impl=self.attention_impl,
+                attention_pad=self.attention_pad,
+                gelu=self.gelu,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"blocks_{i}",

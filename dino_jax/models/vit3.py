@@ -20,7 +20,14 @@ from flax import struct
 
 from dino_jax.interop.state_dict import from_state_dict
 from dino_jax.models import rope
-from dino_jax.models.vit import Mlp, PatchEmbed, _Layers, trunc_normal_02
+from dino_jax.models.vit import (
+    Mlp,
+    PatchEmbed,
+    _Layers,
+    fused_attention,
+    remat_block,
+    trunc_normal_02,
+)
 from dino_jax.models.vit2 import LayerScale, add_residual_subset
 
 Dtype = Any
@@ -124,6 +131,7 @@ class RopeAttention(_Layers):
     proj_bias: bool = True
     mask_k_bias: bool = False
     implementation: str | None = None
+    pad_to: int = 0  # vit.fused_attention's token padding (0: none)
 
     @nn.compact
     def __call__(self, x: jax.Array, sin_cos: tuple[jax.Array, jax.Array] | None) -> jax.Array:
@@ -141,7 +149,7 @@ class RopeAttention(_Layers):
         q, k, v = jnp.moveaxis(qkv.reshape(batch, tokens, 3, self.num_heads, head_dim), 2, 0)
         if sin_cos is not None:
             q, k = rope.apply_rope(q, k, *sin_cos)
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        out = fused_attention(q, k, v, self.implementation, self.pad_to)
         return self.dense(dim, "proj", self.proj_bias)(out.reshape(batch, tokens, dim))
 
 
@@ -163,6 +171,8 @@ class Block(_Layers3):
     layerscale_init: float | None = None
     drop_path: float = 0.0
     attention_impl: str | None = None
+    attention_pad: int = 0
+    gelu: str = "exact"
 
     def _residual(self, x, branch_fn, train: bool, name: str):
         def branch(y):
@@ -184,6 +194,7 @@ class Block(_Layers3):
             proj_bias=self.proj_bias,
             mask_k_bias=self.mask_k_bias,
             implementation=self.attention_impl,
+            pad_to=self.attention_pad,
             name="attn",
             **layers,
         )
@@ -191,7 +202,7 @@ class Block(_Layers3):
         x = self._residual(x, lambda y: attn(norm1(y), sin_cos), train, "ls1")
         hidden = int(x.shape[-1] * self.ffn_ratio)
         if self.ffn_layer == "mlp":
-            ffn = Mlp(hidden_dim=hidden, name="mlp", **layers)
+            ffn = Mlp(hidden_dim=hidden, gelu=self.gelu, name="mlp", **layers)
         else:
             width = swiglu_hidden(hidden, SWIGLU_ALIGN[self.ffn_layer])
             ffn = SwiGLUFFN(hidden_dim=width, use_bias=self.ffn_bias, name="mlp", **layers)
@@ -236,6 +247,9 @@ class VisionTransformer3(_Layers):
     rope_rescale_coords: float | None = None
     rope_dtype: str = "bf16"  # "fp32", "bf16" or "fp16": the arithmetic of sin / cos and q, k
     attention_impl: str | None = None
+    attention_pad: int = 0  # vit.fused_attention's token padding (0: none)
+    gelu: str = "exact"  # vit.GELUS name of the MLP's activation (ffn_layer="mlp")
+    remat: str = "none"  # vit.REMATS name: activation checkpointing of each block
 
     def norm(self, name: str) -> nn.LayerNorm:
         return nn.LayerNorm(
@@ -319,8 +333,9 @@ class VisionTransformer3(_Layers):
             self.norm("norm"),
         )
         intermediates = []
+        block = remat_block(Block, self.remat, static_argnums=(3,))  # train
         for i in range(self.depth):
-            x = Block(
+            x = block(
                 num_heads=self.num_heads,
                 ffn_ratio=self.ffn_ratio,
                 ffn_layer=self.ffn_layer,
@@ -331,6 +346,8 @@ class VisionTransformer3(_Layers):
                 layerscale_init=self.layerscale_init,
                 drop_path=self.drop_path_rate,
                 attention_impl=self.attention_impl,
+                attention_pad=self.attention_pad,
+                gelu=self.gelu,
                 norm_eps=NORM_EPS[self.norm_layer],
                 name=f"blocks_{i}",
                 **layers,

@@ -77,6 +77,7 @@ class XCiT(nn.Module):
     tokens_norm: bool = True
     cls_attn_layers: int = 2
     drop_path_rate: float = 0.0
+    gelu: str = "exact"  # a vit.GELUS name, for every GELU (official: exact)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -86,10 +87,14 @@ class XCiT(nn.Module):
     ) -> XCiTOutput:
         layers = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         block = {"num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio}
-        block |= {"qkv_bias": self.qkv_bias, "eta": self.eta}
+        block |= {"qkv_bias": self.qkv_bias, "eta": self.eta, "gelu": self.gelu}
 
         grid = ConvPatchEmbed(
-            patch_size=self.patch_size, embed_dim=self.embed_dim, name="patch_embed", **layers
+            patch_size=self.patch_size,
+            embed_dim=self.embed_dim,
+            gelu=self.gelu,
+            name="patch_embed",
+            **layers,
         )(x.astype(self.dtype), use_running_average)
         batch, rows, cols, dim = grid.shape
         tokens = grid.reshape(batch, rows * cols, dim)  # row-major over the patch grid

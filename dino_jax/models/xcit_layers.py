@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from dino_jax.models.batchnorm import BatchNorm
-from dino_jax.models.vit import Mlp, _Layers, exact_gelu, torch_default_uniform
+from dino_jax.models.vit import Mlp, _Layers, gelu_fn, torch_default_uniform
 
 FOURIER_DIM = 32  # xcit.py PositionalEncodingFourier(hidden_dim=32): 32 features per axis
 FOURIER_TEMPERATURE = 10000.0
@@ -64,7 +64,9 @@ def cross_covariance_attention(
 
 
 class _XCiTLayers(_Layers):
-    """`_Layers` plus the BatchNorm and stochastic depth every XCiT module shares."""
+    """`_Layers` plus the BatchNorm, stochastic depth and GELU every XCiT module shares."""
+
+    gelu: str = "exact"  # a vit.GELUS name, for every GELU of the model (official: exact)
 
     def batch_norm(self, name: str) -> BatchNorm:
         return BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
@@ -97,7 +99,7 @@ class ConvPatchEmbed(_XCiTLayers):
         widths = [self.embed_dim // 2 ** (stages - 1 - i) for i in range(stages)]
         for i, width in enumerate(widths):
             if i:
-                x = exact_gelu(x)
+                x = gelu_fn(self.gelu)(x)
             fan_in = x.shape[-1] * 9
             x = nn.Conv(
                 width,
@@ -179,7 +181,7 @@ class LPI(_XCiTLayers):
             )
 
         y = depthwise("conv1")(x.reshape(batch, rows, cols, dim))
-        y = self.batch_norm("bn")(exact_gelu(y), use_running_average)
+        y = self.batch_norm("bn")(gelu_fn(self.gelu)(y), use_running_average)
         return depthwise("conv2")(y).reshape(batch, tokens, dim)
 
 
@@ -195,7 +197,7 @@ class XCABlock(_XCiTLayers):
     @nn.compact
     def __call__(self, x, rows: int, cols: int, train: bool, use_running_average: bool):
         dim = x.shape[-1]
-        layers = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        layers = {"dtype": self.dtype, "param_dtype": self.param_dtype, "gelu": self.gelu}
         gamma = {
             n: self.param(n, nn.initializers.constant(self.eta), (dim,), self.param_dtype)
             for n in ("gamma1", "gamma2", "gamma3")
@@ -249,7 +251,7 @@ class ClassAttentionBlock(_XCiTLayers):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dim = x.shape[-1]
-        layers = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        layers = {"dtype": self.dtype, "param_dtype": self.param_dtype, "gelu": self.gelu}
         gamma1, gamma2 = (
             self.param(n, nn.initializers.constant(self.eta), (dim,), self.param_dtype)
             for n in ("gamma1", "gamma2")
