@@ -215,5 +215,5 @@ def test_a_tanh_gelu_model_exports_as_transformers_tanh_gelu_and_back(tmp_path):
     theirs = their_tokens(hf, x_nchw)
     assert max_rel_err(our_tokens(tanh_vit, params, x), theirs) < TOL
     assert max_rel_err(our_tokens(VIT, params, x), theirs) > 10 * TOL
-    model, variables = load_hf(tmp_path)
+    model, _ = load_hf(tmp_path)
     assert model.gelu == "tanh"

@@ -100,7 +100,8 @@ def main(workdir: str) -> None:
     model, variables = load_backbone(fixtures / "backbone.pth", num_heads=2)
     assert model.apply(variables, np.zeros((1, 32, 32, 3), np.float32)).cls.shape == (1, 32)
     assert load_official(fixtures / "checkpoint.pth").teacher is not None
-    (bench,) = bench_step.main([f"--config={tiny}", "--batch", "8", "--steps", "1", "--warmup", "0"])
+    args = [f"--config={tiny}", "--batch", "8", "--steps", "1", "--warmup", "0"]
+    (bench,) = bench_step.main(args)
     assert bench["images_per_s_pipelined"] > 0
     print(f"TRAINED_AND_EVALUATED {knn['metrics']['knn/top1']:.2f}", flush=True)
 
