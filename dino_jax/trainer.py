@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -20,13 +19,13 @@ from dino_jax.checkpoint import (
     CheckpointError,
     check_resume_config,
     check_work_dir,
-    write_atomically,
 )
 from dino_jax.config import default_config, flatten_config
 from dino_jax.data import pipeline
 from dino_jax.data.decode import SkipLog
 from dino_jax.data.masking import with_step_masks
 from dino_jax.evaluate.during_training import TrainingEvaluator
+from dino_jax.final_evaluation import FINAL, read_final, write_final
 from dino_jax.metrics_log import MetricLogger
 from dino_jax.objective import Objective
 from dino_jax.preemption import Preemption
@@ -383,29 +382,3 @@ def _nonfinite_message(
         f"{found}; training stopped and nothing was saved after it; {where}. Lower optim.lr,"
         " check the data, or set train.skip_nonfinite_steps."
     )
-
-
-FINAL = "final_evaluation.json"  # written once the run has finished and been evaluated
-
-
-def write_final(workdir: str, step: int, metrics: dict[str, float]) -> None:
-    """Record that the run finished at `step` with these final metrics (process 0 writes); a
-    storage failure raises CheckpointSaveError."""
-    if jax.process_index() != 0:
-        return
-    write_atomically(
-        os.path.join(workdir, FINAL),
-        json.dumps({"step": step, "metrics": metrics}, indent=1),
-        f"training finished and checkpoint {step} is complete: run the same command again to"
-        " evaluate it and write this file",
-    )
-
-
-def read_final(workdir: str, step: int) -> dict[str, float] | None:
-    """The final metrics of a run that finished at `step`, or None."""
-    try:
-        with open(os.path.join(workdir, FINAL)) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return record["metrics"] if record.get("step") == step else None

@@ -20,11 +20,11 @@ from dino_jax.models.backbones import (
     family,
 )
 from dino_jax.models.rope import NORMALIZE_COORDS
-from dino_jax.models.vit import GELUS, REMATS
 from dino_jax.models.vit2 import FFNS
 from dino_jax.models.vit3 import SWIGLU_ALIGN
 from dino_jax.optim import OPTIMIZERS
 from dino_jax.validation_base import Errors
+from dino_jax.validation_speed import speed_option_errors
 
 DTYPES = ("float32", "bfloat16")
 RESNET_KEYS = ("resnet_stem_width", "resnet_widths", "resnet_depths")
@@ -34,18 +34,9 @@ SIZE_KEYS = ("embed_dim", "depth", "num_heads")
 DINOV3_FFNS = ("mlp", *SWIGLU_ALIGN)
 ROPE_DTYPES = ("fp32", "bf16")  # the official pos_embed_rope_dtype; fp16 refused as compute
 SHARED_OPTIONS = tuple(DINOV3_OPTIONS)  # options DINOv2's and DINOv3's ViTs both have
+
+
 # The transformer speed options and their defaults (today's behaviour)
-SPEED_DEFAULTS = {"attention_pad": 0, "gelu": "exact", "remat": "none"}
-# (family, speed option) -> why that family has no use for it
-SPEED_REFUSALS = {
-    ("resnet", "attention_pad"): "a ResNet has no attention",
-    ("resnet", "gelu"): "a ResNet has no GELU (its activations are ReLUs)",
-    ("resnet", "remat"): "a ResNet has no transformer blocks to checkpoint",
-    ("xcit", "attention_pad"): "XCiT attends over channels (XCA), with no token sequence to pad",
-    ("xcit", "remat"): "activation checkpointing is there for the ViTs' blocks, not XCiT's",
-}
-
-
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
@@ -276,42 +267,6 @@ def _resnet_errors(e: Errors, m) -> None:
         )
 
 
-def _speed_option_errors(e: Errors, m, kind: str | None) -> None:
-    """model.attention_pad / gelu / remat: their values, and the models that have them (a
-    ResNet none of them, XCiT its GELUs only, a SwiGLU feed-forward no GELU). attention_pad
-    > 0 is allowed with XLA's attention too, where it only adds work: it is there for fused
-    kernels (model.attention=cudnn)."""
-    pad = m.attention_pad
-    e.check(
-        isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0,
-        f"model.attention_pad={pad!r}: an int >= 0, the multiple the ViTs' token sequences are"
-        " padded to for fused attention kernels (0: off; e.g. 64 with model.attention=cudnn)",
-    )
-    e.check(
-        m.gelu in GELUS,
-        f"model.gelu={m.gelu!r}: use exact (the official nn.GELU) or tanh (its approximation,"
-        " a speed option)",
-    )
-    e.check(
-        m.remat in REMATS,
-        f"model.remat={m.remat!r}: use one of {', '.join(REMATS)} (activation checkpointing of"
-        " each transformer block)",
-    )
-    for (refusing, key), why in SPEED_REFUSALS.items():
-        default = SPEED_DEFAULTS[key]
-        e.check(
-            kind != refusing or m[key] == default,
-            f"model.{key}={m[key]!r} with model.arch={m.arch!r}: {why}; leave"
-            f" model.{key}={default!r}",
-        )
-    if kind in ("dinov2", "dinov3"):
-        e.check(
-            m.ffn == "mlp" or m.gelu == SPEED_DEFAULTS["gelu"],
-            f"model.gelu={m.gelu!r} with model.ffn={m.ffn!r}: the SwiGLU feed-forward has no"
-            " GELU (its gate is a SiLU); leave model.gelu='exact', or set model.ffn=mlp",
-        )
-
-
 def model_errors(m: ml_collections.ConfigDict, platform: str | None = None) -> list[str]:
     e = Errors()
     try:
@@ -339,7 +294,7 @@ def model_errors(m: ml_collections.ConfigDict, platform: str | None = None) -> l
         _dinov2_options_unset(e, m, names[kind])
     if kind in names:
         _rope_options_unset(e, m, names[kind])
-    _speed_option_errors(e, m, kind)
+    e.extend(speed_option_errors(m, kind))
     for key in ("patch_size", "out_dim", "head_nlayers", "head_hidden_dim", "head_bottleneck_dim"):
         e.check(_positive_int(m[key]), f"model.{key}={m[key]!r}: must be a positive int")
     e.check(0.0 <= m.drop_path_rate < 1.0, f"model.drop_path_rate={m.drop_path_rate}: use [0, 1)")
