@@ -142,7 +142,7 @@ OFFICIAL_DEVIATIONS = (
     "DataAugmentationDINO as main_dino.py builds it, with its RandomResizedCrop sizes set to"
     " the recipe's crop sides and its Normalize to the recipe's mean and std",
     "the images come from memory, grey images converted to RGB with PIL as ImageFolder's"
-    " loader converts files",
+    " loader converts files; one loader worker (main_dino.py's default is 10)",
 )
 
 

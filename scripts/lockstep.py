@@ -11,6 +11,9 @@ it prints both losses and, every 10 steps, the relative distance between the two
 and the two teachers' parameters and centers. Float32 differences of the order of 1e-6 grow
 in a chaotic training run, slowly; a different update moves the figures apart at once.
 
+`--save_init FILE` writes the official networks' initial weights instead, so that
+`python train.py --config.init_from=FILE` trains ours from the official start.
+
 Run it with the environment scripts/compare_official.py names.
 """
 
@@ -57,6 +60,12 @@ def main(argv=None) -> None:
     p.add_argument("--config", default=os.path.join("configs", "demo.py"))
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--save_init",
+        default=None,
+        help="only write the official networks' initial weights as a main_dino checkpoint"
+        " here (for train.py --config.init_from=...), then stop",
+    )
     a = p.parse_args(argv)
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
@@ -77,6 +86,19 @@ def main(argv=None) -> None:
     args = co.official_args(config, a.seed)
     images, labels = co.demo_splits(config)[0]
     run = official_side.set_up(off, args, images, labels)
+    if a.save_init:
+        import torch
+
+        checkpoint = {
+            "student": run.student.state_dict(),
+            "teacher": run.teacher.state_dict(),
+            "epoch": 0,
+            "args": args,
+            "dino_loss": run.dino_loss.state_dict(),
+        }
+        torch.save(checkpoint, a.save_init)
+        print(f"wrote the official seed-{a.seed} initial networks to {a.save_init}")
+        return
     steps_per_epoch = len(run.data_loader)
 
     rec = recipe.build(config, steps_per_epoch)
