@@ -206,14 +206,7 @@ def main(argv=None) -> None:
     args = co.official_args(config, args_cli.seed)
     state = load_checkpoint(args_cli.weights, config)
     nets = build_networks(off, args, state)
-    loss_fn = off.main_dino.DINOLoss(
-        args.out_dim,
-        args.local_crops_number + 2,
-        args.warmup_teacher_temp,
-        args.teacher_temp,
-        args.warmup_teacher_temp_epochs,
-        args.epochs,
-    )
+    loss_fn = official_side.make_dino_loss(off, args)
     center = state["center"] if "center" in state else state["dino_loss"]["center"]
     loss_fn.center = torch.as_tensor(np.asarray(center, np.float32)).reshape(1, -1)
 

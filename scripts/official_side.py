@@ -195,7 +195,7 @@ def set_up(off: Official, args: Namespace, images: np.ndarray, labels: np.ndarra
     import torch
     import torch.nn as nn
 
-    utils, main_dino = off.utils, off.main_dino
+    utils = off.utils
     init_process_group()
     torch.set_num_threads(args.threads)
     utils.fix_random_seeds(args.seed)
@@ -221,14 +221,7 @@ def set_up(off: Official, args: Namespace, images: np.ndarray, labels: np.ndarra
     for p in teacher.parameters():
         p.requires_grad = False
 
-    dino_loss = main_dino.DINOLoss(
-        args.out_dim,
-        args.local_crops_number + 2,
-        args.warmup_teacher_temp,
-        args.teacher_temp,
-        args.warmup_teacher_temp_epochs,
-        args.epochs,
-    )
+    dino_loss = make_dino_loss(off, args)
     optimizer = torch.optim.AdamW(utils.get_params_groups(student))
     n = len(data_loader)
     lr_schedule = utils.cosine_scheduler(
@@ -250,6 +243,18 @@ def set_up(off: Official, args: Namespace, images: np.ndarray, labels: np.ndarra
         lr_schedule,
         wd_schedule,
         momentum_schedule,
+    )
+
+
+def make_dino_loss(off: Official, args: Namespace):
+    """main_dino.DINOLoss as train_dino builds it."""
+    return off.main_dino.DINOLoss(
+        args.out_dim,
+        args.local_crops_number + 2,
+        args.warmup_teacher_temp,
+        args.teacher_temp,
+        args.warmup_teacher_temp_epochs,
+        args.epochs,
     )
 
 
