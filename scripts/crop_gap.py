@@ -51,28 +51,24 @@ def switch_off_ours(mc, op: str | None):
 def switch_off_official(aug, op: str | None, off):
     from torchvision import transforms
 
-    from scripts.official_side import _leaves
+    from scripts.official_side import every_transform
 
     if op is None:
         return aug
+    switched = {  # the op's transform type, and the attribute that gates it
+        "jitter": (transforms.RandomApply, "p"),  # the RandomApply around ColorJitter
+        "blur": (off.utils.GaussianBlur, "prob"),
+        "solarize": (off.utils.Solarization, "p"),
+        "flip": (transforms.RandomHorizontalFlip, "p"),
+        "grayscale": (transforms.RandomGrayscale, "p"),
+    }
+    kind, gate = switched[op]
     for name in ("global_transfo1", "global_transfo2", "local_transfo"):
-        compose = getattr(aug, name)
-        stack = [compose]
-        while stack:  # RandomApply(p) keeps its p on itself: walk the containers too
-            t = stack.pop()
-            if isinstance(t, transforms.RandomApply) and op == "jitter":
-                t.p = 0.0
-            if isinstance(t, transforms.Compose | transforms.RandomApply):
-                stack.extend(t.transforms)
-        for t in _leaves(compose):
-            if op == "blur" and isinstance(t, off.utils.GaussianBlur):
-                t.prob = -1.0  # GaussianBlur applies when random() <= prob
-            if op == "solarize" and isinstance(t, off.utils.Solarization):
-                t.p = 0.0
-            if op == "flip" and isinstance(t, transforms.RandomHorizontalFlip):
-                t.p = 0.0
-            if op == "grayscale" and isinstance(t, transforms.RandomGrayscale):
-                t.p = 0.0
+        for t in every_transform(getattr(aug, name)):
+            if isinstance(t, kind):
+                # GaussianBlur applies when random() <= prob: -1 never does; the others never
+                # apply at 0
+                setattr(t, gate, -1.0 if op == "blur" else 0.0)
     return aug
 
 
@@ -102,7 +98,7 @@ def build_networks(off, args, state: dict):
     for which in ("student", "teacher"):
         net = off.utils.MultiCropWrapper(
             official_side.build_backbone(off, args),
-            official_side._head(off, args, args.norm_last_layer or which == "teacher"),
+            official_side.build_head(off, args, args.norm_last_layer or which == "teacher"),
         )
         weights = {k.removeprefix("module."): v for k, v in state[which].items()}
         net.load_state_dict(weights, strict=True)

@@ -125,7 +125,7 @@ def dino_augmentation(off: Official, args: Namespace):
         "local_transfo": args.local_size,
     }
     for name, size in sizes.items():
-        for t in _leaves(getattr(aug, name)):
+        for t in every_transform(getattr(aug, name)):
             if isinstance(t, transforms.RandomResizedCrop):
                 t.size = (size, size)
             if isinstance(t, transforms.Normalize):
@@ -133,14 +133,14 @@ def dino_augmentation(off: Official, args: Namespace):
     return aug
 
 
-def _leaves(t):
+def every_transform(t):
+    """`t` and every transform inside it (Compose and RandomApply hold others), depth first."""
     from torchvision import transforms
 
+    yield t
     if isinstance(t, transforms.Compose | transforms.RandomApply):
         for child in t.transforms:
-            yield from _leaves(child)
-    else:
-        yield t
+            yield from every_transform(child)
 
 
 def build_backbone(off: Official, args: Namespace, drop_path_rate: float = 0.0):
@@ -162,7 +162,7 @@ def build_backbone(off: Official, args: Namespace, drop_path_rate: float = 0.0):
     )
 
 
-def _head(off: Official, args: Namespace, norm_last_layer: bool):
+def build_head(off: Official, args: Namespace, norm_last_layer: bool):
     return off.vits.DINOHead(
         args.embed_dim,
         args.out_dim,
@@ -213,8 +213,8 @@ def set_up(off: Official, args: Namespace, images: np.ndarray, labels: np.ndarra
 
     student = build_backbone(off, args, args.drop_path_rate)
     teacher = build_backbone(off, args)
-    student = utils.MultiCropWrapper(student, _head(off, args, args.norm_last_layer))
-    teacher = utils.MultiCropWrapper(teacher, _head(off, args, True))
+    student = utils.MultiCropWrapper(student, build_head(off, args, args.norm_last_layer))
+    teacher = utils.MultiCropWrapper(teacher, build_head(off, args, True))
     teacher_without_ddp = teacher
     student = nn.parallel.DistributedDataParallel(student)
     teacher_without_ddp.load_state_dict(student.module.state_dict())
