@@ -56,6 +56,8 @@ FREE_PREFIXES = (
     "model.attention",  # and model.attention_pad: the same attention, another kernel
     "model.remat",  # recomputes activations, the same values
     "aug.window",  # the same crops from less of the canvas
+    "train.steps_in_flight",
+    "train.compilation_cache",
     "init_from",
 )
 # Changed only with train.allow_config_change: the recipe's length and rates.

@@ -208,6 +208,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.allow_config_change = False  # resume although the recipe changed (lr, epochs)
     c.train.fsdp = False  # shard params and optimiser state over devices (large models)
     c.train.progress_bar = True
+    # compiled steps queued ahead of the host (metrics are fetched for the logged steps once
+    # they have run; non-finite steps are counted on the device)
+    c.train.steps_in_flight = 2
+    # XLA's persistent compilation cache, so a resumed or restarted run loads its compiled
+    # step: "auto" ($DINO_JAX_CACHE or ~/.cache/dino_jax, under xla/), a folder, or "" (off)
+    c.train.compilation_cache = "auto"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.knn_every_epochs = 0  # 0: only at the end of training

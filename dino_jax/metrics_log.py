@@ -93,19 +93,29 @@ class MetricLogger:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
             self._logs_above_bar = _LogsAboveBar(self._bar)
 
-    def train(self, step: int, values: dict[str, float], skips=None) -> None:
-        """Per-step training metrics: the bar moves every step, records every log_every."""
+    def advance(self, step: int) -> None:
+        """Move the bar on to `step` (every step, as it is dispatched; no metrics needed)."""
+        if self._bar is not None and step > self._bar.n:
+            self._bar.update(step - self._bar.n)  # redraws, postfix included
+
+    def train(
+        self, step: int, values: dict[str, float], skips=None, now: float | None = None
+    ) -> None:
+        """The training metrics after `step` steps, fetched once the step ran: the loss goes on
+        the bar, and a step that is a multiple of log_every is recorded, with the images per
+        second since the last one recorded. `now`: time.perf_counter() when the step was seen
+        complete (the metrics may come later), else the time of this call."""
         if not self.active:
             return
         if self._bar is not None:
             self._postfix["loss"] = f"{values.get('train/loss', float('nan')):.4f}"
             self._bar.set_postfix(self._postfix, refresh=False)
-            self._bar.update(step - self._bar.n)  # redraws, postfix included
+            self.advance(step)
         if step % self.log_every:
             return
         first, start_time = self._window_start
-        now = time.perf_counter()
-        if step > first:
+        now = time.perf_counter() if now is None else now
+        if step > first and now > start_time:
             rate = (step - first) * self.images_per_step / (now - start_time)
             values = {**values, "perf/images_per_s": rate}
             self._postfix["img_s"] = f"{rate:,.0f}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,12 @@ def connect_processes(mesh: Mesh) -> None:
 def replicated(mesh: Mesh) -> NamedSharding:
     """Every device holds the whole array (params, optimiser state, center by default)."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+def on_every_device(make: Callable[[], jax.Array], mesh: Mesh) -> jax.Array:
+    """The value `make()` computes, made where it lives: replicated on every device of the
+    mesh, in every process (a device_put of a host value needs all devices addressable)."""
+    return jax.jit(make, out_shardings=replicated(mesh))()
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

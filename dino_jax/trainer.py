@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import os
 from typing import Any
 
@@ -13,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dino_jax import parallel, recipe
+from dino_jax import compilation_cache, parallel, recipe
 from dino_jax.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -31,16 +30,19 @@ from dino_jax.objective import Objective
 from dino_jax.preemption import Preemption
 from dino_jax.starting_state import check_init_from, initial_state
 from dino_jax.state import TrainState
+from dino_jax.step_checks import (
+    NonFiniteLossError,
+    StepChecks,
+    nonfinite,
+    nonfinite_message,
+    per_step_guard,
+)
 from dino_jax.train_step import DinoHParams, train_step
 from dino_jax.validation import validate
 from dino_jax.validation_sizes import DataSizes, check_sizes
 from dino_jax.workdir import WorkdirLock, check_not_held, check_usable
 
 _LOG = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss or gradient; the last good checkpoint is untouched."""
 
 
 @dataclasses.dataclass
@@ -117,20 +119,49 @@ def build_run(
     return Run(config, mesh, data, built, abstract, shardings, data.skips)
 
 
-def compile_step(run: Run):
-    """The jitted step: state donated and sharded, batch split on its first axis."""
-    step = functools.partial(
+def _update(run: Run):
+    """The run's train_step with its static arguments bound: (state, batch, base_key)."""
+    return functools.partial(
         train_step,
         hp=run.hp,
         aug=run.recipe.aug,
         compute_dtype=run.recipe.compute_dtype,
         skip_nonfinite=run.config.train.skip_nonfinite_steps > 0,
     )
-    batch_sharding = parallel.batch_sharding(run.mesh)
+
+
+def compile_step(run: Run):
+    """The jitted step: state donated and sharded, batch split on its first axis."""
+    replicated = parallel.replicated(run.mesh)
     return jax.jit(
-        step,
-        in_shardings=(run.state_sharding, batch_sharding, parallel.replicated(run.mesh)),
-        out_shardings=(run.state_sharding, parallel.replicated(run.mesh)),
+        _update(run),
+        in_shardings=(run.state_sharding, parallel.batch_sharding(run.mesh), replicated),
+        out_shardings=(run.state_sharding, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def compile_loop_step(run: Run):
+    """The training loop's step: compile_step's, and a count of the non-finite steps kept on
+    the device: (state, batch, base_key, count) -> (state, metrics, count'), count an int32
+    scalar carried from step to step (not donated: the loop reads it late), so that a check
+    every few steps still finds a non-finite step between two checks."""
+    update = _update(run)
+
+    def counted_train_step(state, batch, base_key, count):
+        state, metrics = update(state, batch, base_key)
+        return state, metrics, count + nonfinite(metrics)
+
+    replicated = parallel.replicated(run.mesh)
+    return jax.jit(
+        counted_train_step,
+        in_shardings=(
+            run.state_sharding,
+            parallel.batch_sharding(run.mesh),
+            replicated,
+            replicated,
+        ),
+        out_shardings=(run.state_sharding, replicated, replicated),
         donate_argnums=(0,),
     )
 
@@ -239,6 +270,7 @@ def _train(
     mesh = parallel.make_mesh()
     # A user error is found before the work directory is created, read or locked.
     data = preflight(config, workdir, mesh)
+    compilation_cache.configure(config.train.compilation_cache)  # before the step compiles
     # Held until the run ends: a second trainer on this directory is refused (workdir.py).
     with WorkdirLock(workdir, jax.process_index()):
         return _train_locked(config, workdir, preemption, mesh, data, objective)
@@ -279,42 +311,30 @@ def _train_locked(
         log_every=config.train.log_every_steps,
         progress_bar=config.train.progress_bar,
     )
-    step_fn = compile_step(run)
-    base_key = jax.random.key(config.seed)
+    step_fn = compile_loop_step(run)
+    # on the mesh once: a key on one device would be copied to every device at every step
+    base_key = parallel.on_every_device(lambda: jax.random.key(config.seed), run.mesh)
     evaluator = (
         TrainingEvaluator(config, run.recipe, run.mesh, workdir)
         if config.data.eval_test_split
         else None
     )
     status, metrics = "finished", {}
-    pending: tuple[int, Any] | None = None  # (step, device metrics) fetched one step late
-    bad_in_a_row = 0
-
-    def settle() -> dict[str, float]:
-        """Fetch the pending metrics; stop on a non-finite loss before anything is saved."""
-        nonlocal pending, bad_in_a_row
-        if pending is None:
-            return {}
-        step, device_metrics = pending
-        pending = None
-        values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        if values.get("train/skipped", 0.0) > 0:
-            bad_in_a_row += 1
-            if bad_in_a_row > config.train.skip_nonfinite_steps:
-                raise NonFiniteLossError(_nonfinite_message(step, values, ckpt))
-            _LOG.warning("non-finite loss at step %d: update skipped", step)
-        elif not all(math.isfinite(values[k]) for k in ("train/loss", "train/grad_norm")):
-            raise NonFiniteLossError(_nonfinite_message(step, values, ckpt))
-        else:
-            bad_in_a_row = 0
-        logger.train(step + 1, values, skips=run.skips)
-        return values
+    checks = StepChecks(
+        in_flight=config.train.steps_in_flight,
+        log_every=config.train.log_every_steps,
+        tolerated=config.train.skip_nonfinite_steps,
+        logger=logger,
+        skips=run.skips,
+        ckpt=ckpt,
+    )
+    count = parallel.on_every_device(lambda: jnp.int32(0), run.mesh)  # non-finite steps so far
 
     def save(step: int, force: bool = False) -> None:
         # A finite loss and gradient can still give a non-finite update (an overflowing lr):
         # such a state would make every later resume start from garbage.
         if not bool(all_finite(state)):
-            raise NonFiniteLossError(_nonfinite_message(step - 1, {}, ckpt, "update"))
+            raise NonFiniteLossError(nonfinite_message(step - 1, {}, ckpt, "update"))
         ckpt.save(state, {**meta, "step": step}, force=force)
 
     batches = pipeline.device_batches(run.host_batches(), run.mesh, config.data.prefetch)
@@ -323,22 +343,22 @@ def _train_locked(
             if preemption.requested and step == start:
                 status = "preempted"  # SIGTERM while starting up: nothing new to save
                 break
-            state, device_metrics = step_fn(state, next(batches), base_key)
-            # the previous step's metrics, fetched while this step runs: no host sync
-            metrics = settle() or metrics
-            pending = (step, device_metrics)
+            with per_step_guard():
+                state, device_metrics, count = step_fn(state, next(batches), base_key, count)
+                metrics = checks.dispatched(step, device_metrics, count) or metrics
+                logger.advance(step + 1)
+                stop = preemption.stop_after(step)
             done = step + 1
-            stop = preemption.stop_after(step)
             if stop or done % config.train.checkpoint_every_steps == 0:
-                metrics = settle() or metrics
+                metrics = checks.check() or metrics  # every step before it, finite
                 save(done)
             if stop:
                 status = "preempted"
                 break
             if evaluator and done % spe == 0 and evaluator.due(done // spe):
-                metrics = settle() or metrics
+                metrics = checks.check() or metrics
                 logger.record(done, evaluator(state, done // spe))
-        metrics = settle() or metrics
+        metrics = checks.check() or metrics
         if status != "preempted":
             status = "finished" if last == total else "max_steps"
             if start < last:
@@ -360,25 +380,3 @@ def _train_locked(
 def all_finite(state: TrainState) -> jax.Array:
     floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in floats]))
-
-
-def _nonfinite_message(
-    step: int, values: dict[str, float], ckpt: Checkpointer, what: str = "loss"
-) -> str:
-    ckpt.wait()  # the last good checkpoint may still be being written
-    latest = ckpt.latest_step()
-    where = (
-        f"the last good checkpoint is step {latest} in {ckpt.directory} (intact)"
-        if latest is not None
-        else "no checkpoint was written yet"
-    )
-    found = (
-        f"non-finite loss at step {step} (loss {values.get('train/loss')}, grad norm"
-        f" {values.get('train/grad_norm')})"
-        if what == "loss"
-        else f"non-finite parameters after the update of step {step} (finite loss and gradient)"
-    )
-    return (
-        f"{found}; training stopped and nothing was saved after it; {where}. Lower optim.lr,"
-        " check the data, or set train.skip_nonfinite_steps."
-    )

@@ -225,6 +225,18 @@ def train_errors(t: ml_collections.ConfigDict) -> list[str]:
     if t.max_steps is not None:
         e.positive_int("train.max_steps", t.max_steps)
     e.check(t.skip_nonfinite_steps >= 0, "train.skip_nonfinite_steps must be >= 0")
+    e.check(
+        isinstance(t.steps_in_flight, int)
+        and not isinstance(t.steps_in_flight, bool)
+        and t.steps_in_flight >= 1,
+        f"train.steps_in_flight={t.steps_in_flight!r}: must be an int >= 1 (the compiled steps"
+        " that run while the host prepares the next; 2 by default)",
+    )
+    e.check(
+        isinstance(t.compilation_cache, str),
+        f"train.compilation_cache={t.compilation_cache!r}: must be a string: 'auto', a folder,"
+        " or '' (no persistent compilation cache)",
+    )
     return e
 
 

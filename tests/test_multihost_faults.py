@@ -103,3 +103,21 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_exits_0(tmp_path
             assert elapsed < BOUND_S
     finally:
         stop(procs)
+
+
+def test_a_non_finite_loss_stops_both_processes_at_the_same_step_before_a_save(tmp_path, tally):
+    """With steps in flight, the device's count of non-finite steps is what each process's
+    checks read: both find the same first bad step, exit 3, and nothing after it is saved."""
+    workdir = tmp_path / "run"
+    hostile = {"train.max_steps": 40, "train.checkpoint_every_steps": 20, "optim.lr": 1e30}
+    procs = launch(workdir, hostile)
+    try:
+        with tally.fault():
+            codes = [p.wait(300) for p in procs]
+            logs = [pathlib.Path(f"{workdir}.process{i}.log").read_text() for i in range(2)]
+            assert codes == [3, 3], [log[-2000:] for log in logs]
+            steps = {log.split("non-finite loss at step ")[1].split()[0] for log in logs}
+            assert len(steps) == 1, steps
+            assert int(steps.pop()) < 20 and finalised_steps(workdir) == []
+    finally:
+        stop(procs)
