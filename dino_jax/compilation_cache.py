@@ -98,5 +98,71 @@ def _set_folder(folder: str | None) -> None:
     also when an earlier compile of this process already opened another folder."""
     global _ours
     jax.config.update("jax_compilation_cache_dir", folder)
-    jax_cache.reset_cache()  # JAX opens its cache folder once, at the first compile after
+    # JAX opens its cache folder once, at the first compile after; its note of the reset
+    # (an INFO line at every start) is left out
+    jax_log = logging.getLogger("jax._src.compilation_cache")
+    level = jax_log.level
+    jax_log.setLevel(max(level, logging.WARNING))
+    try:
+        jax_cache.reset_cache()
+    finally:
+        jax_log.setLevel(level)
     _ours = folder
+
+
+# JAX's monitoring events (jax._src.dispatch and jax._src.compiler): the time to trace a
+# function and lower it to XLA (never cached), the time XLA's backend compile takes (on a
+# cache hit, the time to load the entry), and one event per program found in the cache.
+TRACE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+)
+BACKEND_EVENT = "/jax/core/compile/backend_compile_duration"
+HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+
+class CompileTimes:
+    """What compiling cost while the context is open, from JAX's monitoring events: seconds
+    in XLA's backend (`xla_s`; entries loaded from the cache count their load time), seconds
+    tracing and lowering (`trace_s`), programs compiled or loaded (`programs`) and loaded from
+    the persistent cache (`cache_hits`). Listeners are registered on entry, removed on exit."""
+
+    def __init__(self):
+        self.xla_s = 0.0
+        self.trace_s = 0.0
+        self.programs = 0
+        self.cache_hits = 0
+
+    def _duration(self, event: str, seconds: float, **_) -> None:
+        if event == BACKEND_EVENT:
+            self.xla_s += seconds
+            self.programs += 1
+        elif event in TRACE_EVENTS:
+            self.trace_s += seconds
+
+    def _event(self, event: str, **_) -> None:
+        if event == HIT_EVENT:
+            self.cache_hits += 1
+
+    def __enter__(self) -> CompileTimes:
+        jax.monitoring.register_event_duration_secs_listener(self._duration)
+        jax.monitoring.register_event_listener(self._event)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._duration)
+        jax.monitoring.unregister_event_listener(self._event)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "compile/xla_s": round(self.xla_s, 3),
+            "compile/trace_s": round(self.trace_s, 3),
+            "compile/programs": self.programs,
+            "compile/cache_hits": self.cache_hits,
+        }
+
+    def describe(self) -> str:
+        return (
+            f"compiling took {self.xla_s:.1f} s in XLA and {self.trace_s:.1f} s tracing and"
+            f" lowering: {self.programs} programs, {self.cache_hits} loaded from the cache"
+        )

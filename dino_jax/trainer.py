@@ -51,6 +51,8 @@ class TrainResult:
     status: str  # "finished" | "preempted" | "max_steps"
     steps_per_epoch: int
     metrics: dict[str, float]
+    # what compiling cost in this start (compilation_cache.CompileTimes.summary)
+    compiled: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -272,8 +274,10 @@ def _train(
     data = preflight(config, workdir, mesh)
     compilation_cache.configure(config.train.compilation_cache)  # before the step compiles
     # Held until the run ends: a second trainer on this directory is refused (workdir.py).
-    with WorkdirLock(workdir, jax.process_index()):
-        return _train_locked(config, workdir, preemption, mesh, data, objective)
+    with compilation_cache.CompileTimes() as compiled, WorkdirLock(workdir, jax.process_index()):
+        result = _train_locked(config, workdir, preemption, mesh, data, objective)
+    _LOG.info("%s", compiled.describe())
+    return dataclasses.replace(result, compiled=compiled.summary())
 
 
 def _train_locked(

@@ -29,10 +29,17 @@ class Case:
 CASES = [
     Case(
         "a non-finite loss stops the run",
-        "dino_jax/trainer.py",
+        "dino_jax/step_checks.py",
         'elif not all(math.isfinite(values[k]) for k in ("train/loss", "train/grad_norm")):',
         "elif False:",
         ("tests/test_faults_nonfinite.py",),
+    ),
+    Case(
+        "the device counts non-finite steps between the host's checks",
+        "dino_jax/trainer.py",
+        "return state, metrics, count + nonfinite(metrics)",
+        "return state, metrics, count",
+        ("tests/test_loop_in_flight.py", "-k", "nan_between_checks_stops"),
     ),
     Case(
         "the state is checked finite before every save",
@@ -116,8 +123,8 @@ CASES = [
     Case(
         "a second trainer on one work directory is refused",
         "dino_jax/trainer.py",
-        "    with WorkdirLock(workdir, jax.process_index()):",
-        "    if True:",
+        "compiled, WorkdirLock(workdir, jax.process_index()):",
+        "compiled:",
         ("tests/test_workdir_lock.py", "-k", "second_trainer"),
     ),
     Case(

@@ -20,7 +20,7 @@ from dino_jax.validation import validate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Trains the tiny config for 2 steps once per setting given, in one process; prints, per run,
-# the persistent-cache hits JAX logged.
+# the persistent-cache hits JAX logged and what the trainer says compiling cost.
 WORKER = """
 import json, logging, os, sys
 sys.path.insert(0, {tests!r})
@@ -39,8 +39,8 @@ compiler.setLevel(logging.DEBUG)
 compiler.addHandler(Hits())
 for run, setting in enumerate(json.loads(sys.argv[1])):
     config = tiny_config(**{{"train.max_steps": 2, "train.compilation_cache": setting}})
-    train(config, os.path.join({workdir!r}, str(run)))
-    print("RUN", json.dumps({{"hits": hits}}), flush=True)
+    result = train(config, os.path.join({workdir!r}, str(run)))
+    print("RUN", json.dumps({{"hits": hits, "compiled": result.compiled}}), flush=True)
     hits.clear()
 """
 
@@ -78,6 +78,12 @@ def test_a_second_process_loads_the_step_from_the_cache(tmp_path):
     assert not step_hits(auto) and len(step_entries(folder)) == 1  # compiled, then written
     (again,) = trained(tmp_path / "second", root, [str(folder)])
     assert len(step_hits(again)) == 1 and len(step_entries(folder)) == 1  # loaded
+    # the trainer's own count (TrainResult.compiled, logged at the end): every program of the
+    # second start, the step among them, came from the cache; none of the first start's did
+    first, second = auto["compiled"], again["compiled"]
+    assert first["compile/programs"] > 1 and first["compile/cache_hits"] == 0
+    assert first["compile/xla_s"] > 0
+    assert second["compile/cache_hits"] == second["compile/programs"] >= 1
 
 
 @pytest.fixture
