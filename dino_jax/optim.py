@@ -21,7 +21,9 @@ from dino_jax.schedules import Schedules
 
 PyTree = Any
 PathPredicate = Callable[[str, jax.Array], bool]
-SkipPredicate = Callable[[str, jax.Array, jax.Array], jax.Array]  # (name, param, step)
+# (name, param, step) -> a Python bool where the answer is the same at every step, else a bool
+# array of the step
+SkipPredicate = Callable[[str, jax.Array, jax.Array], bool | jax.Array]
 Schedule = Callable[[jax.Array], jax.Array]  # step -> value
 
 
@@ -79,10 +81,21 @@ def leafwise(
 
     def leaf(path, g, p, *old):
         name = jax.tree_util.keystr(path, simple=True, separator="/")
-        active = jnp.bool_(True) if skipped is None else ~jnp.asarray(skipped(name, p, step))
-        u, *new = rule(name, g, p, *old)
-        kept = (jnp.where(active, n, o) for n, o in zip(new, old, strict=True))
-        return (jnp.where(active, u, 0.0).astype(p.dtype), *kept)
+        skip = False if skipped is None else skipped(name, p, step)
+
+        def update():
+            u, *new = rule(name, g, p, *old)
+            return (u.astype(p.dtype), *new)
+
+        def keep():
+            return (jnp.zeros_like(p), *old)
+
+        if isinstance(skip, bool):  # known when the step is traced: no branch
+            return keep() if skip else update()
+        # A branch, not a select of both: a select reads the old moments beside the new
+        # ones, and XLA then copies the donated buffers it updates in place (the largest,
+        # the last layer and its moments, every step); a frozen leaf also costs nothing.
+        return jax.lax.cond(skip, keep, update)
 
     out = jax.tree_util.tree_map_with_path(leaf, grads, params, *states)
     treedef = jax.tree.structure(grads)
@@ -259,8 +272,10 @@ def dino_optimizer(
     fixed_gain = frozen_weight_g(norm_last_layer)
 
     def skipped(name, param, step):
-        frozen_now = is_last_layer(name, param) & schedules.last_layer_frozen(step)
-        return jnp.logical_or(fixed_gain(name, param), frozen_now)
+        """True, False, or (the last layer) a traced bool of the step."""
+        if fixed_gain(name, param):
+            return True
+        return schedules.last_layer_frozen(step) if is_last_layer(name, param) else False
 
     if optimizer == "adamw":
         rule = torch_adamw(schedules.lr, schedules.wd, b1=b1, b2=b2, eps=eps, skipped=skipped)

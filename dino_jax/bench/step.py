@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dino_jax import cli, recipe
+from dino_jax.bench import hlo_copies
 from dino_jax.models.backbones import family, vit_sizes
 
 
@@ -290,6 +291,7 @@ def run(config, steps: int, warmup: int, profile_dir: str | None = None) -> dict
         "compile_s": compile_s,
         "peak_gib": gib_or_na(stats.get("peak_bytes_in_use")),
         "xla_peak_gib": gib_or_na(xla_peak_bytes(compiled)),
+        **hlo_copies.summary(compiled.as_text()),
         "loss": float(metrics["train/loss"]),
     }
     if profile_dir is not None:
