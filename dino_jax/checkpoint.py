@@ -56,6 +56,7 @@ FREE_PREFIXES = (
     "model.attention",  # and model.attention_pad: the same attention, another kernel
     "model.remat",  # recomputes activations, the same values
     "aug.window",  # the same crops from less of the canvas
+    "optim.branch_updates",  # the same values, another program
     "train.steps_in_flight",
     "train.compilation_cache",
     "init_from",

@@ -157,6 +157,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay_end = 0.4
     c.optim.clip_grad = 3.0
     c.optim.freeze_last_layer = 1
+    # updates that may not apply at a step (the frozen last layer; with
+    # train.skip_nonfinite_steps, the whole update) under lax.cond instead of computed and
+    # selected: no copies of the donated state, a conditional in the step (docs/performance.md)
+    c.optim.branch_updates = False
 
     c.aug = ml_collections.ConfigDict()  # see dino_jax.data.augment.MultiCropConfig
     c.aug.global_size = 224

@@ -70,6 +70,7 @@ def leafwise(
     states: tuple[PyTree, ...],
     step: jax.Array,
     skipped: SkipPredicate | None,
+    branch: bool = False,
 ) -> tuple[PyTree, ...]:
     """Apply a per-parameter update rule, with PyTorch's skip of parameters without gradient.
 
@@ -77,6 +78,13 @@ def leafwise(
     parameter (`name` is its path, "a/b/bias"). Where `skipped(name, p, step)`, the update
     is zero and every state leaf keeps its old value, as PyTorch's optimizers `continue` past
     a `.grad` of None. Returns `(updates, *new_states)`, each with the structure of `grads`.
+
+    A leaf skipped at some steps only is kept by a select of the new and the old values, or,
+    with `branch`, by `lax.cond`: the same values, and the rule's work not done while skipped.
+    The select reads each old moment beside the new one, and XLA then copies those donated
+    buffers every step (the last layer's, 64 MiB each at K = 65536); a branch has none of
+    these copies but is a conditional, which some GPU runtimes run with a host round trip
+    (optim.branch_updates; docs/performance.md).
     """
 
     def leaf(path, g, p, *old):
@@ -90,12 +98,14 @@ def leafwise(
         def keep():
             return (jnp.zeros_like(p), *old)
 
-        if isinstance(skip, bool):  # known when the step is traced: no branch
+        if isinstance(skip, bool):  # known when the step is traced
             return keep() if skip else update()
-        # A branch, not a select of both: a select reads the old moments beside the new
-        # ones, and XLA then copies the donated buffers it updates in place (the largest,
-        # the last layer and its moments, every step); a frozen leaf also costs nothing.
-        return jax.lax.cond(skip, keep, update)
+        if branch:
+            return jax.lax.cond(skip, keep, update)
+        active = ~jnp.asarray(skip)
+        u, *new = update()
+        kept = (jnp.where(active, n, o) for n, o in zip(new, old, strict=True))
+        return (jnp.where(active, u, 0.0).astype(p.dtype), *kept)
 
     out = jax.tree_util.tree_map_with_path(leaf, grads, params, *states)
     treedef = jax.tree.structure(grads)
@@ -120,11 +130,12 @@ def torch_adamw(
     eps: float = 1e-8,
     decay: PathPredicate = official_decay,
     skipped: SkipPredicate | None = None,
+    branch: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """torch.optim.AdamW with schedules of the step and per-step skipped parameters.
 
     `skipped(name, param, step)` is True where PyTorch would see no gradient at that step:
-    such a leaf is left exactly as it was (value, moments and count).
+    such a leaf is left exactly as it was (value, moments and count); `branch`: how (leafwise).
     """
 
     def init(params):
@@ -153,7 +164,7 @@ def torch_adamw(
             return u, new_count, new_mu, new_nu
 
         updates, count, mu, nu = leafwise(
-            rule, grads, params, (state.count, state.mu, state.nu), step, skipped
+            rule, grads, params, (state.count, state.mu, state.nu), step, skipped, branch
         )
         return updates, TorchAdamWState(count=count, mu=mu, nu=nu)
 
@@ -171,6 +182,7 @@ def torch_sgd(
     momentum: float = 0.9,
     decay: PathPredicate = official_decay,
     skipped: SkipPredicate | None = None,
+    branch: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """torch.optim.SGD(lr, momentum) as main_dino.py --optimizer sgd builds it (no dampening,
     no Nesterov), weight decay `d = g + wd * p` on the `decay` group only.
@@ -195,7 +207,9 @@ def torch_sgd(
             buf = momentum * buf + d
             return -lr * buf, buf
 
-        updates, buf = leafwise(rule, grads, params, (state.momentum_buffer,), step, skipped)
+        updates, buf = leafwise(
+            rule, grads, params, (state.momentum_buffer,), step, skipped, branch
+        )
         return updates, TorchSGDState(momentum_buffer=buf)
 
     return optax.GradientTransformationExtraArgs(init, update)
@@ -213,6 +227,7 @@ def lars(
     eta: float = 0.001,
     decay: PathPredicate = official_decay,
     skipped: SkipPredicate | None = None,
+    branch: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """The official utils.LARS (main_dino.py --optimizer lars), with its param groups.
 
@@ -245,7 +260,7 @@ def lars(
             mu = momentum * mu + d
             return -lr * mu, mu
 
-        updates, mu = leafwise(rule, grads, params, (state.mu,), step, skipped)
+        updates, mu = leafwise(rule, grads, params, (state.mu,), step, skipped, branch)
         return updates, LARSState(mu=mu)
 
     return optax.GradientTransformationExtraArgs(init, update)
@@ -263,13 +278,16 @@ def dino_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    branch_updates: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """The official recipe: per-tensor clip, then main_dino.py's `--optimizer` (AdamW with
     its defaults, SGD with momentum 0.9, or utils.LARS with its defaults) with the decay mask
     and the lr/wd schedules; the last layer skipped while epoch < freeze_last_layer, fixed
     gains skipped always. `b1`, `b2`, `eps` are AdamW's. Call
-    `update(grads, opt_state, params, step=step)`."""
+    `update(grads, opt_state, params, step=step)`. `branch_updates`: the frozen last layer
+    kept by lax.cond rather than a select (leafwise)."""
     fixed_gain = frozen_weight_g(norm_last_layer)
+    branch = branch_updates  # the rules' name for it
 
     def skipped(name, param, step):
         """True, False, or (the last layer) a traced bool of the step."""
@@ -278,11 +296,13 @@ def dino_optimizer(
         return schedules.last_layer_frozen(step) if is_last_layer(name, param) else False
 
     if optimizer == "adamw":
-        rule = torch_adamw(schedules.lr, schedules.wd, b1=b1, b2=b2, eps=eps, skipped=skipped)
+        rule = torch_adamw(
+            schedules.lr, schedules.wd, b1=b1, b2=b2, eps=eps, skipped=skipped, branch=branch
+        )
     elif optimizer == "sgd":
-        rule = torch_sgd(schedules.lr, schedules.wd, skipped=skipped)
+        rule = torch_sgd(schedules.lr, schedules.wd, skipped=skipped, branch=branch)
     elif optimizer == "lars":
-        rule = lars(schedules.lr, schedules.wd, skipped=skipped)
+        rule = lars(schedules.lr, schedules.wd, skipped=skipped, branch=branch)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     return optax.chain(clip_per_tensor(clip_grad), rule)

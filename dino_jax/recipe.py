@@ -101,6 +101,7 @@ def build_optimizer(c: ml_collections.ConfigDict, schedules: Schedules):
         optimizer=c.optim.optimizer,
         clip_grad=c.optim.clip_grad,
         norm_last_layer=c.model.norm_last_layer,
+        branch_updates=c.optim.branch_updates,
     )
 
 
@@ -153,6 +154,7 @@ def build(
         center_momentum=d.center_momentum,
         ibot_chunks=d.ibot_chunks if d.ibot_weight else None,
         gram=GramRefresh(d.gram_start_step, d.gram_update_every) if d.gram_weight else None,
+        branch_updates=c.optim.branch_updates,
     )
     aug = MultiCropConfig.from_config(c.aug)
     masks = step_masks(c, model.backbone)

@@ -48,6 +48,8 @@ class DinoHParams:
     center_momentum: float = 0.9
     ibot_chunks: int | None = None  # None: no iBOT masks
     gram: GramRefresh | None = None  # None: no Gram teacher
+    # with skip_nonfinite: a skipped step's update as a lax.cond branch, not a select
+    branch_updates: bool = False
 
 
 def global_norm(tree) -> jax.Array:
@@ -81,6 +83,8 @@ def dino_update(
     key: jax.Array,
     hp: DinoHParams,
     masks: dict[str, jax.Array] | None = None,
+    *,
+    skip_nonfinite: bool = False,
 ) -> tuple[TrainState, dict]:
     """One official training iteration on already-augmented crops.
 
@@ -96,6 +100,9 @@ def dino_update(
     the unmasked crops, both networks' patch heads run on the gathered masked tokens, and the
     patch center moves after the loss. With a Gram teacher (hp.gram), it is refreshed from
     the EMA teacher when due, before its forward on the global crops.
+
+    With `skip_nonfinite`, a step whose loss or gradient norm is not finite leaves the state
+    as it was but for the step count (the Gram teacher's refresh included).
     """
     sch = hp.schedules
     step = state.step
@@ -168,29 +175,44 @@ def dino_update(
 
     (loss, (s_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
     with jax.named_scope("optimizer"):
-        updates, opt_state = hp.tx.update(grads, state.opt_state, state.student, step=step)
-        student = optax.apply_updates(state.student, updates)
         grad_norm = global_norm(grads)
     momentum = sch.momentum(step)
-    with jax.named_scope("ema"):
-        teacher = ema(state.teacher, student, momentum)
+
+    def updated() -> TrainState:
+        with jax.named_scope("optimizer"):
+            updates, opt_state = hp.tx.update(grads, state.opt_state, state.student, step=step)
+            student = optax.apply_updates(state.student, updates)
+        with jax.named_scope("ema"):
+            teacher = ema(state.teacher, student, momentum)
+        new_extras = dict(extras)
+        with jax.named_scope("loss"):
+            if masks is not None:
+                new_extras["patch_center"] = update_patch_center_per_chunk(
+                    extras["patch_center"], t_out.patch_logits, patch_weights, hp.center_momentum
+                )
+            center = update_center(state.center, t_out.logits, hp.center_momentum)
+        return state.replace(
+            step=step + 1,
+            student=student,
+            teacher=teacher,
+            opt_state=opt_state,
+            center=center,
+            student_stats=dict(s_stats.get("batch_stats", {})),
+            teacher_stats=dict(t_stats.get("batch_stats", {})),
+            extras=new_extras,
+        )
+
+    if skip_nonfinite:
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if hp.branch_updates:  # no copies of the donated state; a conditional in the step
+            new_state = jax.lax.cond(ok, updated, lambda: state.replace(step=step + 1))
+        else:  # a select of the new and the old state: XLA copies the state's buffers
+            kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), updated(), state)
+            new_state = kept.replace(step=step + 1)
+    else:
+        new_state = updated()
     with jax.named_scope("loss"):
-        if masks is not None:
-            extras["patch_center"] = update_patch_center_per_chunk(
-                extras["patch_center"], t_out.patch_logits, patch_weights, hp.center_momentum
-            )
-        center = update_center(state.center, t_out.logits, hp.center_momentum)
         collapse = collapse_metrics(t_out.logits, state.center, teacher_temp)
-    new_state = state.replace(
-        step=step + 1,
-        student=student,
-        teacher=teacher,
-        opt_state=opt_state,
-        center=center,
-        student_stats=dict(s_stats.get("batch_stats", {})),
-        teacher_stats=dict(t_stats.get("batch_stats", {})),
-        extras=extras,
-    )
     metrics = {
         **terms,
         "train/loss": loss,
@@ -239,10 +261,10 @@ def train_step(
                 " dino_jax.data.masking.StepMasks and trainer.Run.host_batches)"
             )
         masks = {k: batch[k] for k in MASK_KEYS}
-    new_state, metrics = dino_update(state, crops, drop_key, hp, masks)
+    new_state, metrics = dino_update(
+        state, crops, drop_key, hp, masks, skip_nonfinite=skip_nonfinite
+    )
     if skip_nonfinite:
         ok = jnp.isfinite(metrics["train/loss"]) & jnp.isfinite(metrics["train/grad_norm"])
-        kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
-        new_state = kept.replace(step=new_state.step)
         metrics["train/skipped"] = (~ok).astype(jnp.float32)
     return new_state, metrics

@@ -123,6 +123,7 @@ NOT_RECIPE_PREFIXES = (
     "dino.ibot_",
     "dino.gram_",
     "aug.window",  # the same crops, resampled from a smaller window
+    "optim.branch_updates",  # the same update, another program
 )
 SECTIONS = ("model", "dino", "optim", "aug")
 # The k-NN figure compared: k = 20, the headline of eval_knn.py and of dino_jax's evaluation.

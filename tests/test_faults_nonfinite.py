@@ -35,12 +35,12 @@ def poison(monkeypatch, steps, *, where: str = "input") -> None:
     update = train_step_module.dino_update
     bad_steps = jnp.asarray(steps)
 
-    def poisoned(state, crops, key, hp, *rest):  # rest: iBOT's masks
+    def poisoned(state, crops, key, hp, *rest, **options):  # rest: iBOT's masks
         bad = jnp.isin(state.step, bad_steps)
         if where == "input":
             crops = tuple(jnp.where(bad, jnp.nan, c) for c in crops)
-            return update(state, crops, key, hp, *rest)
-        new_state, metrics = update(state, crops, key, hp, *rest)
+            return update(state, crops, key, hp, *rest, **options)
+        new_state, metrics = update(state, crops, key, hp, *rest, **options)
         student = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), new_state.student)
         return new_state.replace(student=student), metrics
 
@@ -120,3 +120,18 @@ def test_skip_nonfinite_steps_rides_over_n_bad_steps_not_n_plus_1(
             train(config, str(tmp_path / "three"))
         assert "non-finite loss at step 6" in str(err.value)
         assert "the last good checkpoint is step 4" in str(err.value)
+
+
+def test_a_skipped_step_as_a_branch_leaves_the_state_of_the_select(tmp_path, monkeypatch):
+    """optim.branch_updates: the skipped update as a lax.cond branch trains as the select of
+    the new and the old state (a NaN batch at step 1 of 3), up to float32 summation order:
+    XLA fuses the center's batch mean differently inside the branch (1 ulp)."""
+    poison(monkeypatch, [1])
+    base = {"train.max_steps": 3, "train.skip_nonfinite_steps": 1}
+    results = [
+        train(tiny_config(**base, **{"optim.branch_updates": branch}), str(tmp_path / str(branch)))
+        for branch in (False, True)
+    ]
+    assert all(r.status == "max_steps" and int(r.state.step) == 3 for r in results)
+    assert logged(tmp_path / "True", "train/skipped") == logged(tmp_path / "False", "train/skipped")
+    assert_states_equal(results[0].state, results[1].state, rtol=1e-5, atol=1e-7)

@@ -226,3 +226,27 @@ def test_sgd_matches_torch_with_groups_and_missing_gradients():
         np.testing.assert_allclose(p[k], t.detach().numpy(), rtol=1e-6, atol=1e-7, err_msg=k)
         buf = opt.state[t]["momentum_buffer"].numpy()
         np.testing.assert_allclose(state.momentum_buffer[k], buf, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_branch_updates_give_the_select_forms_values_frozen_and_not(name):
+    """optim.branch_updates: the frozen last layer kept by lax.cond, bit for bit the values of
+    the select, across the step that unfreezes it (compiled, as in training)."""
+    p0 = head_params()
+    rng = np.random.default_rng(1)
+    g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), p0)
+    runs = []
+    for branch in (False, True):
+        tx = dino_optimizer(schedules(), optimizer=name, branch_updates=branch)
+        jitted = jax.jit(lambda st, p, s, tx=tx: tx.update(g, st, p, step=s))
+        p, state, seen = p0, tx.init(p0), []
+        for s in range(4):  # frozen at steps 0 and 1 (epoch 0), updated at 2 and 3
+            updates, state = jitted(state, p, jnp.int32(s))
+            p = jax.tree.map(lambda a, b: a + b, p, updates)
+            seen.append(jax.device_get((p, state)))
+        runs.append(seen)
+    for select, branch in zip(*runs, strict=True):
+        jax.tree.map(np.testing.assert_array_equal, select, branch)
+    assert not np.array_equal(
+        runs[1][1][0]["last_layer"]["weight_v"], runs[1][2][0]["last_layer"]["weight_v"]
+    )
