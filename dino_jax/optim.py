@@ -287,7 +287,6 @@ def dino_optimizer(
     `update(grads, opt_state, params, step=step)`. `branch_updates`: the frozen last layer
     kept by lax.cond rather than a select (leafwise)."""
     fixed_gain = frozen_weight_g(norm_last_layer)
-    branch = branch_updates  # the rules' name for it
 
     def skipped(name, param, step):
         """True, False, or (the last layer) a traced bool of the step."""
@@ -297,12 +296,18 @@ def dino_optimizer(
 
     if optimizer == "adamw":
         rule = torch_adamw(
-            schedules.lr, schedules.wd, b1=b1, b2=b2, eps=eps, skipped=skipped, branch=branch
+            schedules.lr,
+            schedules.wd,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            skipped=skipped,
+            branch=branch_updates,
         )
     elif optimizer == "sgd":
-        rule = torch_sgd(schedules.lr, schedules.wd, skipped=skipped, branch=branch)
+        rule = torch_sgd(schedules.lr, schedules.wd, skipped=skipped, branch=branch_updates)
     elif optimizer == "lars":
-        rule = lars(schedules.lr, schedules.wd, skipped=skipped, branch=branch)
+        rule = lars(schedules.lr, schedules.wd, skipped=skipped, branch=branch_updates)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     return optax.chain(clip_per_tensor(clip_grad), rule)

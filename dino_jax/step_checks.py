@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
+from dino_jax.train_step import finite_step
+
 if TYPE_CHECKING:
     from dino_jax.checkpoint import Checkpointer
 
@@ -28,7 +30,7 @@ class NonFiniteLossError(RuntimeError):
 def nonfinite(metrics: dict[str, jax.Array]) -> jax.Array:
     """1 (int32) when the step's loss or gradient norm is not finite, else 0: the steps that
     stop a run, or that train.skip_nonfinite_steps skips (train/skipped)."""
-    ok = jnp.isfinite(metrics["train/loss"]) & jnp.isfinite(metrics["train/grad_norm"])
+    ok = finite_step(metrics["train/loss"], metrics["train/grad_norm"])
     return (~ok).astype(jnp.int32)
 
 

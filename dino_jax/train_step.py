@@ -52,6 +52,12 @@ class DinoHParams:
     branch_updates: bool = False
 
 
+def finite_step(loss: jax.Array, grad_norm: jax.Array) -> jax.Array:
+    """A step is good when its loss and gradient norm are finite: the test of
+    train.skip_nonfinite_steps here and of the training loop's non-finite check."""
+    return jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+
 def global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
@@ -102,7 +108,8 @@ def dino_update(
     the EMA teacher when due, before its forward on the global crops.
 
     With `skip_nonfinite`, a step whose loss or gradient norm is not finite leaves the state
-    as it was but for the step count (the Gram teacher's refresh included).
+    as it was but for the step count (the Gram teacher's refresh included), and the metrics
+    gain "train/skipped" (1.0 for such a step).
     """
     sch = hp.schedules
     step = state.step
@@ -203,7 +210,7 @@ def dino_update(
         )
 
     if skip_nonfinite:
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        ok = finite_step(loss, grad_norm)
         if hp.branch_updates:  # no copies of the donated state; a conditional in the step
             new_state = jax.lax.cond(ok, updated, lambda: state.replace(step=step + 1))
         else:  # a select of the new and the old state: XLA copies the state's buffers
@@ -223,6 +230,8 @@ def dino_update(
         "train/grad_norm": grad_norm,
         **collapse,
     }
+    if skip_nonfinite:
+        metrics["train/skipped"] = (~ok).astype(jnp.float32)
     return new_state, metrics
 
 
@@ -261,10 +270,4 @@ def train_step(
                 " dino_jax.data.masking.StepMasks and trainer.Run.host_batches)"
             )
         masks = {k: batch[k] for k in MASK_KEYS}
-    new_state, metrics = dino_update(
-        state, crops, drop_key, hp, masks, skip_nonfinite=skip_nonfinite
-    )
-    if skip_nonfinite:
-        ok = jnp.isfinite(metrics["train/loss"]) & jnp.isfinite(metrics["train/grad_norm"])
-        metrics["train/skipped"] = (~ok).astype(jnp.float32)
-    return new_state, metrics
+    return dino_update(state, crops, drop_key, hp, masks, skip_nonfinite=skip_nonfinite)
