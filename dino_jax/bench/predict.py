@@ -24,7 +24,7 @@ DEFAULT_PEAK_TFLOPS = 780.0
 
 
 def predict(config, *, mfu: float, peak_tflops: float, images: int) -> dict:
-    from dino_jax.bench.step import dino_flops_per_image
+    from dino_jax.bench.flops import dino_flops_per_image
 
     flops = dino_flops_per_image(config)
     total = flops * images * config.optim.epochs
