@@ -57,6 +57,7 @@ FREE_PREFIXES = (
     "model.remat",  # recomputes activations, the same values
     "aug.window",  # the same crops from less of the canvas
     "optim.branch_updates",  # the same values, another program
+    "optim.wait_for_gradient",  # the same values, another program
     "train.steps_in_flight",
     "train.compilation_cache",
     "init_from",

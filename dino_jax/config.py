@@ -161,6 +161,9 @@ def default_config() -> ml_collections.ConfigDict:
     # train.skip_nonfinite_steps, the whole update) under lax.cond instead of computed and
     # selected: no copies of the donated state, a conditional in the step (docs/performance.md)
     c.optim.branch_updates = False
+    # every update made to wait for the whole gradient (its global norm), so that XLA can
+    # overwrite the donated weights in place instead of copying them (docs/performance.md)
+    c.optim.wait_for_gradient = False
 
     c.aug = ml_collections.ConfigDict()  # see dino_jax.data.augment.MultiCropConfig
     c.aug.global_size = 224

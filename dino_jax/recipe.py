@@ -155,6 +155,7 @@ def build(
         ibot_chunks=d.ibot_chunks if d.ibot_weight else None,
         gram=GramRefresh(d.gram_start_step, d.gram_update_every) if d.gram_weight else None,
         branch_updates=c.optim.branch_updates,
+        wait_for_gradient=c.optim.wait_for_gradient,
     )
     aug = MultiCropConfig.from_config(c.aug)
     masks = step_masks(c, model.backbone)

@@ -124,6 +124,7 @@ NOT_RECIPE_PREFIXES = (
     "dino.gram_",
     "aug.window",  # the same crops, resampled from a smaller window
     "optim.branch_updates",  # the same update, another program
+    "optim.wait_for_gradient",  # the same update, another program
 )
 SECTIONS = ("model", "dino", "optim", "aug")
 # The k-NN figure compared: k = 20, the headline of eval_knn.py and of dino_jax's evaluation.

@@ -4,7 +4,8 @@
 # ViT-S/16 (batch 128) and ViT-B/16 (batch 64), bf16 compute, 2 x 224 + 10 x 96 crops from
 # 512 x 512 canvases on the device, each model in one process (its settings share the GEMM
 # autotuning): the recipe as it is (traced with --profile), then one variant per speed option,
-# most wanted first. Every item has its own timeout, cut to the time left, so the summary always
+# most wanted first; last, scripts/optimizer_layouts.py (the optimiser's kernels in three state
+# layouts). Every item has its own timeout, cut to the time left, so the summary always
 # prints; a setting that fails (cuDNN refusing a shape, an option not wired yet) is a JSON line
 # with its error and the others run.
 #
@@ -33,7 +34,7 @@ budget=${BUDGET_S:-530}
 reserve=15 # seconds kept for the tables and the summary
 : > "$out/bench.jsonl"
 : > "$out/summary.txt"
-rm -f "$out/gpu.out" "$out/info.out" "$out/plain_port.out" # a previous call's, in bench.md
+rm -f "$out/gpu.out" "$out/info.out" "$out/plain_port.out" "$out/layouts.out" # in bench.md
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 
@@ -85,12 +86,13 @@ if [ "${SMOKE:-0}" = 1 ]; then
   # with the error, the other settings unaffected)
   declare -A args=([tiny]="${tiny[*]} --variant model.attention=cudnn,model.attention_pad=8")
   steps=(--steps 2 --warmup 1)
+  layouts=(--blocks 1 --prototypes 64 --repeats 1)
   declare -A limits=([tiny]=${SMOKE_LIMIT_S:-300})
   item 60 info "$python" -c "$info_py" float32
 else
   bf16=--config.model.compute_dtype=bfloat16
   speed=(--variant model.attention=cudnn,model.attention_pad=8 --variant model.gelu=tanh
-    --variant aug.window=True --variant optim.branch_updates=True)
+    --variant aug.window=True --variant optim.branch_updates=True,optim.wait_for_gradient=True)
   models=(vit_small16 vit_base16)
   declare -A args=(
     [vit_small16]="--config=vit_small16 $bf16 --batch 128 ${speed[*]} --variant model.remat=dots
@@ -101,6 +103,7 @@ else
   )
   declare -A limits=([vit_small16]=200 [vit_base16]=260)
   steps=(--steps 10 --warmup 3)
+  layouts=(--repeats 10)
   item 15 gpu nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version \
     --format=csv,noheader
   item 60 info "$python" -c "$info_py" bfloat16
@@ -117,6 +120,7 @@ for model in "${models[@]}"; do
     "${steps[@]}" --profile "$scratch/profile_$model"
   profile_back "$model"
 done
+item 45 layouts "$python" scripts/optimizer_layouts.py "${layouts[@]}"
 
 {
   echo "# Step benchmark"
@@ -133,6 +137,14 @@ done
     echo
     echo '```'
     tail -n 15 "$out/plain_port.out" 2> /dev/null
+    echo '```'
+  fi
+  if [ -s "$out/layouts.out" ]; then
+    echo
+    echo "Optimiser, clip and EMA in three state layouts (\`scripts/optimizer_layouts.py\`):"
+    echo
+    echo '```'
+    cat "$out/layouts.out"
     echo '```'
   fi
   echo

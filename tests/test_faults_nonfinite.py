@@ -4,14 +4,12 @@ which is intact; train.skip_nonfinite_steps=N rides over up to N bad steps in a 
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers.fault_helpers import finalised_steps, logged, restore
+from helpers.fault_helpers import finalised_steps, logged, poison, restore
 from helpers.states import assert_states_equal, leaves
 from helpers.tiny import tiny_config
 
-from dino_jax import train_step as train_step_module
 from dino_jax.checkpoint import Checkpointer
 from dino_jax.trainer import NonFiniteLossError, train
 
@@ -28,23 +26,6 @@ def saved(monkeypatch):
 
     monkeypatch.setattr(Checkpointer, "save", capturing)
     return states
-
-
-def poison(monkeypatch, steps, *, where: str = "input") -> None:
-    """NaN in the crops of the given steps (a NaN batch), or in the update's result only."""
-    update = train_step_module.dino_update
-    bad_steps = jnp.asarray(steps)
-
-    def poisoned(state, crops, key, hp, *rest, **options):  # rest: iBOT's masks
-        bad = jnp.isin(state.step, bad_steps)
-        if where == "input":
-            crops = tuple(jnp.where(bad, jnp.nan, c) for c in crops)
-            return update(state, crops, key, hp, *rest, **options)
-        new_state, metrics = update(state, crops, key, hp, *rest, **options)
-        student = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), new_state.student)
-        return new_state.replace(student=student), metrics
-
-    monkeypatch.setattr(train_step_module, "dino_update", poisoned)
 
 
 def failing_step(message: str) -> int:

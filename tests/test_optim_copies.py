@@ -2,7 +2,12 @@
 (no Adam moment copied; with train.skip_nonfinite_steps, no state buffer); without it, the
 select of the new and the old values makes XLA copy the last layer's moments, and with
 skip_nonfinite_steps most of the state (dino_jax/optim.py leafwise, dino_jax/train_step.py;
-dino_jax/bench/hlo_copies.py counts the copies)."""
+dino_jax/bench/hlo_copies.py counts the copies). optim.wait_for_gradient: without it the
+weights the backward pass reads for the layers below are copied; with it, none.
+
+Each setting is compiled once (a few seconds each on two cores) and shared by the tests."""
+
+import functools
 
 import jax
 from helpers.tiny import tiny_config
@@ -21,7 +26,12 @@ HEAD = {"model.out_dim": 4096, "model.head_hidden_dim": 2048, "model.head_bottle
 def state_copies(**options) -> dict[str, int]:
     """The state buffers the compiled train step copies, with their bytes (the per-tensor
     step counts, int32 scalars, are left out)."""
-    config = tiny_config(**HEAD, **options)
+    return compiled_copies(tuple(sorted(options.items())))
+
+
+@functools.cache
+def compiled_copies(options: tuple) -> dict[str, int]:
+    config = tiny_config(**HEAD, **dict(options))
     # on one device, as on one GPU: split over the suite's 8 CPU devices XLA does not copy
     run = build_run(config, mesh=parallel.make_mesh(jax.devices()[:1]))
     state = initial_state(run)
@@ -49,3 +59,15 @@ def test_skipping_non_finite_steps_copies_the_state_unless_branched():
     branched = state_copies(**skip, **{"optim.branch_updates": True})
     assert len(moments(selected)) > 10, sorted(selected)  # every moment, not only the last layer's
     assert moments(branched) == [] and sum(branched.values()) < sum(selected.values()) / 100
+
+
+def test_waiting_for_the_gradient_copies_no_weight():
+    """The head's weights (their backward reads feed only the layers below) are copied unless
+    every update waits for the gradient's norm; then, of the arrays, only the center is (its
+    norm, a metric, is read apart from its update: 16 KiB here, 256 KiB at K = 65536)."""
+    branch = {"optim.branch_updates": True}
+    weights = [k for k in state_copies(**branch) if k.startswith("state_student")]
+    assert any("head" in k for k in weights), weights
+    waiting = state_copies(**branch, **{"optim.wait_for_gradient": True})
+    arrays = [k.split(".")[0] for k, size in waiting.items() if size > 4]  # not the step count
+    assert arrays == ["state_center"], sorted(waiting)

@@ -10,7 +10,9 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 
+from dino_jax import train_step as train_step_module
 from dino_jax.checkpoint import Checkpointer
 from dino_jax.trainer import build_run
 from helpers.tiny import tiny_config
@@ -120,3 +122,20 @@ def logged(workdir, key: str) -> list[tuple[int, float]]:
 def history(workdir) -> list[tuple[str, int]]:
     """(event, step) of every line of the work directory's checkpoints.jsonl."""
     return [(r["event"], r["step"]) for r in records(pathlib.Path(workdir) / "checkpoints.jsonl")]
+
+
+def poison(monkeypatch, steps, *, where: str = "input") -> None:
+    """NaN in the crops of the given steps (a NaN batch), or in the update's result only."""
+    update = train_step_module.dino_update
+    bad_steps = jnp.asarray(steps)
+
+    def poisoned(state, crops, key, hp, *rest, **options):  # rest: iBOT's masks
+        bad = jnp.isin(state.step, bad_steps)
+        if where == "input":
+            crops = tuple(jnp.where(bad, jnp.nan, c) for c in crops)
+            return update(state, crops, key, hp, *rest, **options)
+        new_state, metrics = update(state, crops, key, hp, *rest, **options)
+        student = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), new_state.student)
+        return new_state.replace(student=student), metrics
+
+    monkeypatch.setattr(train_step_module, "dino_update", poisoned)
