@@ -235,6 +235,9 @@ def test_grouping_of_a_gpu_trace_uses_the_first_device_s_kernels_and_the_hlo():
     summary = profile.summarize(_gpu_trace(), GPU_HLO, steps=2)
     assert summary["device_ms_per_step"] == pytest.approx(26 / 1e3 / 2)
     assert summary["groups"]["matmul"]["share"] == pytest.approx(10 / 26)
+    # a Memcpy and a copy on the first device in 2 steps; the second device's gemm not counted
+    assert summary["groups"]["other"]["kernels_per_step"] == 1.0
+    assert summary["groups"]["matmul"]["kernels_per_step"] == 0.5
 
 
 def test_cpu_trace_ops_are_one_device_s_and_nested_time_is_counted_once():
@@ -300,7 +303,11 @@ def test_the_report_is_a_markdown_table_with_failures_and_profile_shares():
         "compile_s": 51.7,
         "peak_gib": 30.26,
         "xla_peak_gib": 28.1,
-        "profile": {"shares": {"matmul": 0.5, "attention": 0.25, "augmentation": 0.25}},
+        "state_copy_mib": 167.2,
+        "profile": {
+            "shares": {"matmul": 0.5, "attention": 0.25, "augmentation": 0.25},
+            "kernels_per_step": {"matmul": 74.0, "optimizer+EMA": 612.4},
+        },
     }
     failed = {
         **{k: measured[k] for k in ("config", "device", "jax")},
@@ -315,7 +322,8 @@ def test_the_report_is_a_markdown_table_with_failures_and_profile_shares():
     lines = md.splitlines()
     assert lines[0] == "| " + " | ".join(report.COLUMNS) + " |"
     assert lines[2].startswith("| 1 x NVIDIA H200 | 0.11.1 | vit_small16 | base | 128 |")
-    assert "| **2,346** | 2,200 | 33.1% | 52 | 30.3 | 28.1 |" in lines[2]
+    assert "| **2,346** | 2,200 | 33.1% | 52 | 30.3 | 28.1 | 167 |" in lines[2]
     assert "failed (run): ValueError: cuDNN \\| refused sequence length 200" in lines[3]
     assert lines[3].count(" | ") == len(report.COLUMNS) - 1  # the pipe escaped, one row
     assert "| vit_small16 | base | 50.0% | 25.0% | 0.0% | 25.0% | 0.0% | 0.0% | 0.0% |" in md
+    assert "| vit_small16 | base | 74 | 0 | 0 | 0 | 612 | 0 | 0 |" in md

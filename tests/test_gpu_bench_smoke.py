@@ -55,7 +55,10 @@ def test_the_smoke_mode_writes_a_line_per_setting_and_the_tables(tmp_path):
     assert "| **" in rows[0] and "failed (config): ConfigError: " in rows[1]
     assert "| demo | base | " in md  # the profile's shares
     assert "plain port: ['--batch', '8'] 1234 images/s" in md
-    assert "- tiny: exit " in md and "- info: exit 0" in md
+    assert "- tiny: exit " in md and "- info: exit 0" in md and "- layouts: exit 0" in md
+    layouts = [json.loads(line) for line in (out / "layouts.out").read_text().splitlines()]
+    assert [r["layout"] for r in layouts] == ["tensors", "concat", "flat"]
+    assert '{"layout": "flat", ' in md
 
     # what comes back from the device: enough to group the trace again
     trace = out / "profile_tiny"

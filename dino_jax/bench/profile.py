@@ -306,12 +306,15 @@ def op_times(events: list[dict], ops: dict[str, HloOp]) -> list[dict]:
 
 
 def summarize(events: list[dict], hlo_text: str, steps: int, top: int = 15) -> dict:
-    """Time per step of each group and of the `top` longest ops, in ms, and the shares."""
+    """Time per step of each group and of the `top` longest ops, in ms, the shares, and the
+    kernels (traced ops) each group runs per step."""
     rows = op_times(events, hlo_ops(hlo_text))
     total = sum(r["us"] for r in rows)
     groups = dict.fromkeys(GROUPS, 0.0)
+    launches = dict.fromkeys(GROUPS, 0)
     for r in rows:
         groups[r["group"]] += r["us"]
+        launches[r["group"]] += r["count"]
 
     def ms(us: float) -> float:
         return us / 1e3 / steps
@@ -320,7 +323,11 @@ def summarize(events: list[dict], hlo_text: str, steps: int, top: int = 15) -> d
         "steps": steps,
         "device_ms_per_step": ms(total),
         "groups": {
-            g: {"ms_per_step": ms(us), "share": us / total if total else 0.0}
+            g: {
+                "ms_per_step": ms(us),
+                "share": us / total if total else 0.0,
+                "kernels_per_step": launches[g] / steps,
+            }
             for g, us in sorted(groups.items(), key=lambda kv: -kv[1])
         },
         "top": [
@@ -337,7 +344,10 @@ def format_summary(summary: dict) -> str:
         f" (sum over ops, {summary['steps']} traced steps)"
     ]
     for group, g in summary["groups"].items():
-        lines.append(f"  {group:<17} {g['ms_per_step']:10.3f} ms  {100 * g['share']:5.1f}%")
+        lines.append(
+            f"  {group:<17} {g['ms_per_step']:10.3f} ms  {100 * g['share']:5.1f}%"
+            f"  {g['kernels_per_step']:8.1f} kernels"
+        )
     lines.append("longest ops (ms per step, group, op, scope):")
     for r in summary["top"]:
         label = r["op"] + (f" [{r['kernel'][:60]}]" if r["kernel"] else "")

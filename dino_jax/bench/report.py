@@ -27,6 +27,7 @@ COLUMNS = (
     "compile s",
     "peak GiB",
     "XLA peak GiB",
+    "state copies MiB",
     "command",
 )
 
@@ -68,7 +69,7 @@ def row(result: dict) -> list[str]:
     if "error" in result:
         reason = " ".join(line.strip() for line in str(result["error"]).splitlines())[:160]
         failed = f"failed ({result.get('stage', '?')}): {reason}"
-        return [*start, failed, "", "", "", "", "", *end]
+        return [*start, failed, "", "", "", "", "", "", *end]
     mfu = result.get("mfu")
     return [
         *start,
@@ -78,6 +79,7 @@ def row(result: dict) -> list[str]:
         _number(result.get("compile_s"), ".0f"),
         _number(result.get("peak_gib"), ".3g"),
         _number(result.get("xla_peak_gib"), ".3g"),
+        _number(result.get("state_copy_mib"), ".3g"),
         *end,
     ]
 
@@ -100,6 +102,14 @@ def markdown(results: list[dict]) -> str:
             for r in profiled
         ]
         parts += ["Share of device time by op group (`--profile`):", table(header, rows)]
+        counted = [r for r in profiled if "kernels_per_step" in r["profile"]]
+        rows = [
+            [r.get("config", "?"), r.get("setting", "?")]
+            + [f"{r['profile']['kernels_per_step'].get(g, 0):.0f}" for g in GROUPS]
+            for r in counted
+        ]
+        if rows:
+            parts += ["Kernels per step by op group (`--profile`):", table(header, rows)]
     parts += [
         f"The profile of {r.get('config')} {r.get('setting')} failed: {r['profile']['error']}"
         for r in results

@@ -260,7 +260,8 @@ def profiled(compiled, state, batch, key, profile_dir: str) -> dict:
         return {"dir": str(profile_dir), "error": f"{type(err).__name__}: {err}"}
     print(format_summary(summary), file=sys.stderr)
     shares = {g: round(v["share"], 4) for g, v in summary["groups"].items()}
-    return {"dir": str(profile_dir), "shares": shares}
+    kernels = {g: v["kernels_per_step"] for g, v in summary["groups"].items()}
+    return {"dir": str(profile_dir), "shares": shares, "kernels_per_step": kernels}
 
 
 def identity(setting: Setting, recipe_name: str, recipe_text: str) -> dict:
