@@ -5,7 +5,7 @@ skip_nonfinite_steps most of the state (dino_jax/optim.py leafwise, dino_jax/tra
 dino_jax/bench/hlo_copies.py counts the copies). optim.wait_for_gradient: without it the
 weights the backward pass reads for the layers below are copied; with it, none.
 
-Each setting is compiled once (a few seconds each on two cores) and shared by the tests."""
+Each setting is compiled once and shared by the tests."""
 
 import functools
 
