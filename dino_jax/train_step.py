@@ -200,11 +200,10 @@ def dino_update(
         return loss, (s_stats, terms)
 
     (loss, (s_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
+    momentum = ema_momentum = sch.momentum(step)
     with jax.named_scope("optimizer"):
         grad_norm = global_norm(grads)
-    momentum = ema_momentum = sch.momentum(step)
-    if hp.wait_for_gradient:  # the teacher's EMA too: its fixed gains have no gradient
-        with jax.named_scope("optimizer"):
+        if hp.wait_for_gradient:  # the teacher's EMA too: its fixed gains have no gradient
             grads, ema_momentum = after_gradient(grad_norm, (grads, momentum))
 
     def updated() -> TrainState:

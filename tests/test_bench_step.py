@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from dino_jax.bench import profile, report
+from dino_jax.bench import hlo_groups, profile, report
 from dino_jax.bench import step as bench_step
 from dino_jax.config import ConfigError
 
@@ -63,11 +63,11 @@ def test_each_setting_is_measured_pipelined_and_synced_and_the_profile_grouped(t
     # the tiny step's trace: the named scopes of train_step and the Flax module paths
     summary = json.loads((tmp_path / "trace" / "profile.json").read_text())
     groups = summary["groups"]
-    assert set(groups) == set(profile.GROUPS)
+    assert set(groups) == set(hlo_groups.GROUPS)
     for group in ("augmentation", "attention", "optimizer+EMA", "head+loss", "matmul"):
         assert groups[group]["ms_per_step"] > 0, group
     assert math.isclose(sum(g["share"] for g in groups.values()), 1.0, rel_tol=1e-6)
-    assert summary["top"] and all(r["group"] in profile.GROUPS for r in summary["top"])
+    assert summary["top"] and all(r["group"] in hlo_groups.GROUPS for r in summary["top"])
     assert base["profile"]["shares"]["augmentation"] == pytest.approx(
         groups["augmentation"]["share"], abs=1e-4
     )
@@ -153,8 +153,8 @@ def _scoped_step():
 def test_grouping_of_a_real_trace(tmp_path):
     state, batch = jnp.ones((128, 128)), jnp.ones((128, 128))
     compiled = _scoped_step().lower(state, batch, None).compile()
-    ops = profile.hlo_ops(compiled.as_text())
-    groups = {profile.group_of(op) for op in ops.values() if op.opcode not in ("parameter",)}
+    ops = hlo_groups.hlo_ops(compiled.as_text())
+    groups = {hlo_groups.group_of(op) for op in ops.values() if op.opcode not in ("parameter",)}
     assert {"augmentation", "attention", "matmul", "optimizer+EMA"} <= groups
     state, summary = profile.profile_steps(compiled, state, batch, None, tmp_path, steps=2)
     for group in ("augmentation", "attention", "matmul", "optimizer+EMA"):
@@ -222,7 +222,7 @@ def _gpu_trace() -> list[dict]:
 
 
 def test_grouping_of_a_gpu_trace_uses_the_first_device_s_kernels_and_the_hlo():
-    rows = profile.op_times(_gpu_trace(), profile.hlo_ops(GPU_HLO))
+    rows = profile.op_times(_gpu_trace(), hlo_groups.hlo_ops(GPU_HLO))
     found = {r["op"]: (r["group"], r["us"]) for r in rows}
     assert found == {
         "custom-call.3": ("matmul", 10.0),
@@ -286,7 +286,7 @@ BLOCK = f"{NET}/backbone/blocks_3"
     ],
 )
 def test_scopes_decide_the_group(scope, opcode, matmul, group):
-    assert profile.group_of(profile.HloOp("op.1", opcode, scope, matmul=matmul)) == group
+    assert hlo_groups.group_of(hlo_groups.HloOp("op.1", opcode, scope, matmul=matmul)) == group
 
 
 def test_the_report_is_a_markdown_table_with_failures_and_profile_shares():

@@ -13,7 +13,7 @@ import argparse
 import json
 import pathlib
 
-from dino_jax.bench.profile import GROUPS
+from dino_jax.bench.hlo_groups import GROUPS
 
 COLUMNS = (
     "card",
