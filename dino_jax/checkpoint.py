@@ -1,8 +1,7 @@
-"""Orbax checkpoints of the whole train state and its config, what a resume may change, and
-the errors that name a damaged, foreign or missing checkpoint with the way out.
+"""Orbax checkpoints of the whole train state and its config: saves, verified restores, history.
 
 Orbax renames a checkpoint into place only when complete: a killed run never sees a partial
-one. Each checkpoint also records a digest of every array (see `array_digests`), and a restore
+one. Each checkpoint also records a digest of every array (see checkpoint_digests), and a restore
 compares the arrays it read with them: Orbax checks its tree files but not the array data, so
 without this a flipped bit in a data file would be resumed from silently. A save that the
 storage fails (disk full, I/O error) raises CheckpointSaveError, which names that save and the
@@ -10,457 +9,38 @@ last complete checkpoint, and removes what the failed save left."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
-import functools
-import gc
 import glob
 import json
 import logging
 import os
-import re
-import shutil
-import sys
-import threading
 import time
 import warnings
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
-from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec
+
+from dino_jax.checkpoint_digests import (
+    array_digests,
+    digest_mismatches,
+    digest_record,
+    recorded_digests,
+)
+from dino_jax.checkpoint_orbax import _quiet_orbax_storage_failures, _settle_orbax_threads
+from dino_jax.checkpoint_resume import CheckpointError
+from dino_jax.checkpoint_storage import (
+    CheckpointSaveError,
+    _brief,
+    _remove_quietly,
+    append_line,
+    newest_complete_checkpoint,
+    save_failure_message,
+    storage_failure,
+)
 
 _LOG = logging.getLogger(__name__)
 HISTORY = "checkpoints.jsonl"  # every checkpoint known complete: saved or restored from
-
-# Config keys a resumed run may change freely: they do not touch shapes or the recipe's
-# meaning for steps already taken (logging, checkpoint cadence, evaluation, data plumbing).
-FREE_PREFIXES = (
-    "train.log_every_steps",
-    "train.checkpoint_every_steps",
-    "train.keep_checkpoints",
-    "train.max_steps",
-    "train.progress_bar",
-    "train.allow_config_change",
-    "train.skip_nonfinite_steps",
-    "eval.",
-    "linear.",
-    "data.num_parallel_calls",
-    "data.prefetch",
-    "data.data_dir",
-    "data.manual_dir",
-    "model.attention",  # and model.attention_pad: the same attention, another kernel
-    "model.remat",  # recomputes activations, the same values
-    "aug.window",  # the same crops from less of the canvas
-    "optim.branch_updates",  # the same values, another program
-    "optim.wait_for_gradient",  # the same values, another program
-    "train.steps_in_flight",
-    "train.compilation_cache",
-    "init_from",
-)
-# Changed only with train.allow_config_change: the recipe's length and rates.
-OVERRIDABLE_PREFIXES = ("optim.epochs", "optim.lr", "optim.min_lr", "optim.weight_decay")
-
-
-class CheckpointError(RuntimeError):
-    """A work directory whose checkpoints cannot be resumed as asked."""
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple]:
-    """(key, saved value, current value) for every key that differs."""
-    keys = sorted(set(saved) | set(current))
-    missing = object()
-    diffs = []
-    for key in keys:
-        a, b = saved.get(key, missing), current.get(key, missing)
-        if a != b:
-            diffs.append((key, None if a is missing else a, None if b is missing else b))
-    return diffs
-
-
-def check_resume_config(
-    saved: dict[str, Any], current: dict[str, Any], allow: bool = False
-) -> list[tuple]:
-    """Refuse a resume whose (flattened) config changes shapes or the recipe; return the
-    allowed changes. `allow`: train.allow_config_change."""
-    diffs = config_differences(saved, current)
-    refused = [
-        d
-        for d in diffs
-        if not d[0].startswith(FREE_PREFIXES)
-        and not (allow and d[0].startswith(OVERRIDABLE_PREFIXES))
-    ]
-    if refused:
-        lines = "\n".join(f"  {k}: checkpoint {a!r} -> now {b!r}" for k, a, b in refused)
-        hint = (
-            "Resume with the original values, or start a new work directory."
-            " (optim.epochs/lr/min_lr/weight_decay may change with"
-            " --config.train.allow_config_change=True.)"
-        )
-        raise CheckpointError(
-            f"the config differs from the one the checkpoints were written with:\n{lines}\n{hint}"
-        )
-    return diffs
-
-
-# --- Array digests -------------------------------------------------------------------------
-#
-# Written into the "meta" item of every checkpoint, so they are committed with the arrays.
-# A digest is two 32-bit sums over the elements of one array, of each element's bits mixed
-# with a salt of its position (and mixed once more for the second sum). It is computed where
-# the arrays live, one small jitted program per kind of array (shape, dtype, sharding): the
-# same value on every process and for any device layout (a checkpoint may be resumed on
-# another mesh), an element-wise pass like the finiteness check before each save, with no
-# copy to the host. Any change confined to one 32-bit word changes both sums (mixing is a
-# bijection); other damage goes unseen with a chance of about 2**-64. It guards against
-# accidents, not against someone who rewrites the record too.
-FORMAT_KEY = "checkpoint_format"
-FORMAT = 2  # 1 (the key absent): written before array digests existed
-DIGESTS_KEY = "array_digests"
-DIGEST_SCHEME = "position-salted-mix32x2"
-_POSITION_STEP = 0x9E3779B9  # odd: distinct positions get distinct salts
-_SALT_SEED = 0x243F6A88
-_SECOND_SUM_SEED = 0x85A308D3
-
-
-def _mix32(h: jax.Array) -> jax.Array:
-    """A bijection of uint32 words in which every input bit moves about half the output bits
-    (xor-shifts and odd multipliers)."""
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x7FEB352D)
-    h = h ^ (h >> 15)
-    h = h * jnp.uint32(0x846CA68B)
-    return h ^ (h >> 16)
-
-
-def _words(x: jax.Array) -> jax.Array:
-    """The bits of `x` as uint32 words: one per element, two per 64-bit element."""
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
-    if jnp.iscomplexobj(x):
-        x = jnp.stack([x.real, x.imag], axis=-1)
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    size = jnp.dtype(x.dtype).itemsize
-    if size < 4:
-        return lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * size}")).astype(jnp.uint32)
-    return lax.bitcast_convert_type(x, jnp.uint32)  # 64-bit: a trailing axis of 2
-
-
-def _positions(shape: tuple[int, ...]) -> jax.Array:
-    """The row-major index of every element of an array of `shape` (modulo 2**32)."""
-    index = jnp.zeros(shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(len(shape))):
-        index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
-        stride *= shape[axis]
-    return index
-
-
-def _lanes(x: jax.Array) -> jax.Array:
-    """The two uint32 sums of the digest of `x`."""
-    words = _words(x)
-    positions = _positions(words.shape)
-    salts = _mix32(positions * jnp.uint32(_POSITION_STEP) + jnp.uint32(_SALT_SEED))
-    mixed = _mix32(words ^ salts)
-    again = _mix32(mixed ^ jnp.uint32(_SECOND_SUM_SEED))
-    return jnp.stack([jnp.sum(mixed, dtype=jnp.uint32), jnp.sum(again, dtype=jnp.uint32)])
-
-
-@functools.cache
-def _digest_program(out_sharding):
-    """The jitted digest of one array (compiled once per shape, dtype and sharding)."""
-    return jax.jit(_lanes, out_shardings=out_sharding)
-
-
-def _replicated_like(x) -> NamedSharding | None:
-    """Every device of `x`'s mesh holds the result: each process can read it."""
-    sharding = getattr(x, "sharding", None)
-    return (
-        NamedSharding(sharding.mesh, PartitionSpec())
-        if isinstance(sharding, NamedSharding)
-        else None
-    )
-
-
-def _named_leaves(tree) -> list[tuple[str, Any]]:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(jax.tree_util.keystr(p, simple=True, separator="."), x) for p, x in leaves]
-
-
-def array_digests(tree) -> dict[str, str]:
-    """Array name -> its digest (16 hex digits) for every array of `tree`. Every process of a
-    multi-process run must call it (collective programs over the global arrays)."""
-    named = _named_leaves(tree)
-    sums = jax.device_get([_digest_program(_replicated_like(x))(x) for _, x in named])
-    return {
-        name: "".join(f"{int(v):08x}" for v in np.asarray(pair))
-        for (name, _), pair in zip(named, sums, strict=True)
-    }
-
-
-def digest_record(tree) -> dict[str, Any]:
-    """What a checkpoint's meta item holds about its arrays: the format and the digests."""
-    return {
-        FORMAT_KEY: FORMAT,
-        DIGESTS_KEY: {"scheme": DIGEST_SCHEME, "arrays": array_digests(tree)},
-    }
-
-
-def recorded_digests(meta: dict[str, Any]) -> dict[str, str] | None:
-    """The digests a checkpoint's meta item records; None for a checkpoint written before
-    digests existed. ValueError (saying what is wrong) for a record that is missing from a
-    checkpoint of this format, malformed, or of an unknown scheme."""
-    if FORMAT_KEY not in meta and DIGESTS_KEY not in meta:
-        return None
-    record = meta.get(DIGESTS_KEY)
-    if record is None:
-        raise ValueError("its record of array digests is missing")
-    if not isinstance(record, dict) or not isinstance(record.get("arrays"), dict):
-        raise ValueError("its record of array digests is malformed")
-    if record.get("scheme") != DIGEST_SCHEME:
-        raise ValueError(
-            f"its array digests are of an unknown kind {record.get('scheme')!r} (this version"
-            f" writes {DIGEST_SCHEME!r}): written by a newer dino_jax?"
-        )
-    arrays = record["arrays"]
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in arrays.items()):
-        raise ValueError("its record of array digests is malformed")
-    return arrays
-
-
-def digest_mismatches(
-    recorded: dict[str, str], actual: dict[str, str], *, partial: bool = False
-) -> list[str]:
-    """Every array whose digest differs from the recorded one or has none, by name; also those
-    recorded but not restored, unless `partial` (a restore of some arrays only)."""
-    out = [
-        f"{k}: its digest differs"
-        for k in sorted(set(actual) & set(recorded))
-        if recorded[k] != actual[k]
-    ]
-    out += [f"{k}: no digest recorded" for k in sorted(set(actual) - set(recorded))]
-    if not partial:
-        out += [f"{k}: recorded, but not restored" for k in sorted(set(recorded) - set(actual))]
-    return out
-
-
-# --- Storage failures ----------------------------------------------------------------------
-
-
-class CheckpointSaveError(CheckpointError):
-    """The storage failed while the run saved its work (a checkpoint, the checkpoint history,
-    the final evaluation): disk full, I/O error. The message names what failed and the last
-    complete checkpoint. The train command exits with status 4."""
-
-
-# Tensorstore (Orbax's array writer) reports an OS error as `[os_error_code='28']`; Python as
-# `[Errno 28]`. Errors without an errno from storage that is not a local disk (a bucket) carry
-# one of these status codes.
-_ERRNO_IN_TEXT = re.compile(r"os_error_code='(\d+)'|\[Errno (\d+)\]")
-_STORAGE_STATUSES = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "UNAVAILABLE", "DATA_LOSS")
-
-
-def _errors_in_chain(err: BaseException) -> list[BaseException]:
-    """`err`, its causes and contexts, and the members of exception groups among them."""
-    seen, todo = [], [err]
-    while todo:
-        e = todo.pop()
-        if e is None or any(e is s for s in seen):
-            continue
-        seen.append(e)
-        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
-    return seen
-
-
-def storage_failure(err: BaseException) -> str | None:
-    """What failed in the storage (e.g. "No space left on device [ENOSPC]") if `err` comes
-    from an operating-system or storage error; None for any other error (a bug)."""
-    chain = _errors_in_chain(err)
-    for e in chain:
-        code = e.errno if isinstance(e, OSError) else None
-        if code is None and (match := _ERRNO_IN_TEXT.search(str(e))):
-            code = int(match.group(1) or match.group(2))
-        if code:
-            return f"{os.strerror(code)} [{errno.errorcode.get(code, code)}]"
-    for e in chain:
-        text = str(e).strip()
-        if text.startswith(_STORAGE_STATUSES):
-            first = text.splitlines()[0]
-            return first if len(first) <= 300 else first[:300] + "..."
-    return None
-
-
-def append_line(path: str, line: str) -> None:
-    """Append `line` to a text file in one write, first ending a line that an earlier failed
-    write left unfinished (so that the two do not run together into one unreadable line)."""
-    with open(path, "ab+") as f:
-        end = f.seek(0, os.SEEK_END)
-        lead = b""
-        if end:
-            f.seek(end - 1)
-            lead = b"" if f.read(1) == b"\n" else b"\n"
-        f.write(lead + line.encode("utf-8") + b"\n")
-
-
-def write_atomically(path: str, text: str, if_failed: str) -> None:
-    """Write `path` whole or not at all (a temporary file renamed into place). A storage
-    failure raises CheckpointSaveError saying what failed, then `if_failed` (what is safe
-    and what to do)."""
-    temporary = path + ".tmp"
-    try:
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temporary, path)
-    except OSError as err:
-        _remove_quietly(temporary)
-        raise CheckpointSaveError(
-            f"could not write {path}: {storage_failure(err) or _brief(err)}; {if_failed}"
-        ) from None
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-    except OSError:
-        pass
-
-
-def newest_complete_checkpoint(directory: str, but: int | None = None) -> int | None:
-    """The newest complete checkpoint in `directory` (Orbax's step directories are renamed
-    into place only when complete), leaving out step `but`."""
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return None
-    steps = [int(n) for n in names if n.isdigit() and int(n) != but]
-    return max((s for s in steps if os.path.isdir(os.path.join(directory, str(s)))), default=None)
-
-
-def _what_is_left(directory: str, last: int | None) -> str:
-    """The sentence of a storage-failure message about the last complete checkpoint."""
-    if last is None:
-        return "No checkpoint is complete yet: a new start trains from step 0."
-    return (
-        f"The last complete checkpoint is step {last} at {os.path.join(directory, str(last))}"
-        " (intact)."
-    )
-
-
-_AGAIN = "Free space (or fix the storage) and run the same command again to resume."
-
-
-def save_failure_message(step: int, directory: str, why: str, last: int | None) -> str:
-    """The message of a failed save of checkpoint `step` in `directory`: which, why, and the
-    last complete checkpoint (`last`)."""
-    return (
-        f"could not save checkpoint {step} to {os.path.join(directory, str(step))}: {why}."
-        f" What the save wrote was removed. {_what_is_left(directory, last)} {_AGAIN}"
-    )
-
-
-def storage_error(err: BaseException, workdir: str) -> CheckpointSaveError | None:
-    """For a storage failure met outside a checkpoint save (writing a log, say): the error
-    naming the file and the last complete checkpoint of `workdir`; None for other errors."""
-    why = storage_failure(err)
-    if why is None:
-        return None
-    what = getattr(err, "filename", None) or f"a file of {workdir}"
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    left = _what_is_left(directory, newest_complete_checkpoint(directory))
-    return CheckpointSaveError(f"could not write {what}: {why}. {left} {_AGAIN}")
-
-
-def _drop_orbax_storage_failure(record: logging.LogRecord) -> bool:
-    """Orbax logs one failed write with its traceback from each of its threads (hundreds of
-    lines for one full disk); CheckpointSaveError reports it once. Such records are dropped,
-    leaving one line at DEBUG level."""
-    exc = record.exc_info[1] if record.exc_info else None
-    if (
-        record.levelno >= logging.ERROR
-        and f"{os.sep}orbax{os.sep}" in record.pathname
-        and exc is not None
-        and storage_failure(exc)
-    ):
-        _LOG.debug("Orbax: %s (%s)", record.getMessage().splitlines()[0], _brief(exc))
-        return False
-    return True
-
-
-def _drop_lost_storage_failure(record: logging.LogRecord) -> bool:
-    """The writes of a failed save that were still in flight end with the same error, which
-    asyncio reports once per write when it collects them ("exception was never retrieved"):
-    such records are dropped."""
-    exc = record.exc_info[1] if record.exc_info else None
-    return not (record.levelno >= logging.ERROR and exc is not None and storage_failure(exc))
-
-
-def _leftover_of_failed_write(unraisable, orbax=f"{os.sep}orbax{os.sep}") -> bool:
-    """An error that a failed save's abandoned writes raise where nobody can catch it: a
-    storage callback that finds Orbax's event loop closed, or an Orbax coroutine finalised
-    late (at exit, when it can no longer import what it needs)."""
-    code = getattr(unraisable.object, "cr_code", None)
-    if code is not None and orbax in code.co_filename:
-        return True
-    return (
-        unraisable.object is None
-        and isinstance(unraisable.exc_value, RuntimeError)
-        and str(unraisable.exc_value) == "Event loop is closed"
-    )
-
-
-def _quiet_unraisable(previous):
-    def hook(unraisable, previous=previous, leftover=_leftover_of_failed_write):
-        if not leftover(unraisable):
-            previous(unraisable)
-
-    hook.quiets_failed_writes = True
-    return hook
-
-
-def _quiet_orbax_storage_failures() -> None:
-    """Keep the aftermath of a storage failure off stderr: CheckpointSaveError reports it."""
-    for name, drop in (
-        ("absl", _drop_orbax_storage_failure),  # Orbax logs through absl
-        ("asyncio", _drop_lost_storage_failure),
-    ):
-        logger = logging.getLogger(name)
-        if drop not in logger.filters:
-            logger.addFilter(drop)
-    if not getattr(sys.unraisablehook, "quiets_failed_writes", False):
-        sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
-
-
-def _settle_orbax_threads(timeout: float) -> None:
-    """After a failed save, end Orbax's threads of that save (within `timeout` seconds): those
-    still writing end soon with the same error; those waiting for a step that failed (say the
-    creation of the directory) would wait for Orbax's timeout, 20 minutes, and keep the
-    process from exiting, so they are cancelled and released. Then nothing writes into the
-    directory once it is removed, and no write outlives the process to report itself at exit."""
-    from orbax.checkpoint._src.futures import future as orbax_future  # internal: guarded
-
-    waiter = getattr(orbax_future, "_SignalingThread", None)
-    deadline = time.monotonic() + timeout
-    for thread in threading.enumerate():
-        target = getattr(thread, "_target", None)
-        modules = (type(thread).__module__, getattr(target, "__module__", None) or "")
-        if thread is threading.current_thread() or not any(m.startswith("orbax") for m in modules):
-            continue
-        if waiter is not None and isinstance(thread, waiter) and jax.process_count() == 1:
-            with contextlib.suppress(Exception):  # cancelled, it skips its work once released
-                thread.cancel()
-                signals = thread._receive_signals
-                orbax_future.set_signals(signals, operation_id=thread._operation_id)
-        with contextlib.suppress(Exception):  # Orbax's threads raise their error again on join
-            thread.join(max(0.0, deadline - time.monotonic()))
-    gc.collect()  # what the failed writes left is reported (quietly, above) now, not at exit
 
 
 class Checkpointer:
@@ -751,11 +331,6 @@ def _array_specs(tree) -> dict[str, tuple]:
         jax.tree_util.keystr(p, simple=True, separator="."): (tuple(x.shape), str(x.dtype))
         for p, x in leaves
     }
-
-
-def _brief(err: Exception) -> str:
-    text = f"{type(err).__name__}: {err}".strip().splitlines()[0]
-    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def logged_checkpoint(workdir: str) -> int | None:

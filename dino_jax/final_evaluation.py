@@ -7,7 +7,7 @@ import os
 
 import jax
 
-from dino_jax.checkpoint import write_atomically
+from dino_jax.checkpoint_storage import write_atomically
 
 FINAL = "final_evaluation.json"  # written once the run has finished and been evaluated
 

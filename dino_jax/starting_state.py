@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dino_jax.checkpoint import CheckpointError
+from dino_jax.checkpoint_resume import CheckpointError
 from dino_jax.state import TrainState
 
 

@@ -90,7 +90,8 @@ def argument_errors(args: argparse.Namespace, workdir: str) -> list[str]:
 def exit_status(err: BaseException) -> int | None:
     """The documented exit status of an error that ends training; None for an unexpected one
     (a bug, which keeps its traceback)."""
-    from dino_jax.checkpoint import CheckpointError, CheckpointSaveError
+    from dino_jax.checkpoint_resume import CheckpointError
+    from dino_jax.checkpoint_storage import CheckpointSaveError
     from dino_jax.config import ConfigError
     from dino_jax.data.sources import DataError
     from dino_jax.trainer import NonFiniteLossError
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = train(config, workdir)
     except Exception as err:
-        from dino_jax.checkpoint import storage_error
+        from dino_jax.checkpoint_storage import storage_error
 
         # a full disk met by another write of the run (the logs, the skip list) counts as the
         # storage failing: status 4, one message naming the file and the last checkpoint

@@ -13,12 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from dino_jax import compilation_cache, parallel, recipe
-from dino_jax.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    check_resume_config,
-    check_work_dir,
-)
+from dino_jax.checkpoint import Checkpointer, check_work_dir
+from dino_jax.checkpoint_resume import CheckpointError, check_resume_config
 from dino_jax.config import default_config, flatten_config
 from dino_jax.data import pipeline
 from dino_jax.data.decode import SkipLog

@@ -50,7 +50,7 @@ CASES = [
     ),
     Case(
         "a resume that changes shapes or the recipe is refused",
-        "dino_jax/checkpoint.py",
+        "dino_jax/checkpoint_resume.py",
         "    if refused:\n        lines =",
         "    if False:\n        lines =",
         ("tests/test_faults_checkpoints.py",),
@@ -72,7 +72,7 @@ CASES = [
     ),
     Case(
         ".pth pickles build allowlisted globals only",
-        "dino_jax/interop/pth_read.py",
+        "dino_jax/interop/pth_unpickle.py",
         "            return ALLOWED_GLOBALS[(module, name)]",
         "            import importlib\n"
         "            return getattr(importlib.import_module(module), name)",
@@ -208,28 +208,28 @@ CASES = [
     ),
     Case(
         ".pth pickle memo indices follow the entries written (memo bomb)",
-        "dino_jax/interop/pth_read.py",
+        "dino_jax/interop/pth_checks.py",
         "            if index > len(memo):",
         "            if False:",
         ("tests/test_pth_bounds.py", "-k", "memo_bomb"),
     ),
     Case(
         ".pth pickle record bounded before it is read (decompression bomb)",
-        "dino_jax/interop/pth_read.py",
+        "dino_jax/interop/pth_storage.py",
         "    if info.file_size > limit:",
         "    if False:",
         ("tests/test_pth_bounds.py", "-k", "inflating_past_the_bound"),
     ),
     Case(
         ".pth pickle opcode count bounded",
-        "dino_jax/interop/pth_read.py",
+        "dino_jax/interop/pth_checks.py",
         "        if count > MAX_PICKLE_OPCODES:",
         "        if False:",
         ("tests/test_pth_bounds.py", "-k", "too_many_opcodes"),
     ),
     Case(
         ".pth dict keys limited to kinds that cannot be made to collide",
-        "dino_jax/interop/pth_read.py",
+        "dino_jax/interop/pth_checks.py",
         '            _check_keys(items[1:2] if name == "SETITEM" else items[0::2], "dict key")',
         "            pass",
         ("tests/test_pth_bounds.py", "-k", "share_a_hash"),
@@ -243,14 +243,14 @@ CASES = [
     ),
     Case(
         ".pth tensor views bounded by the storages (stride 0)",
-        "dino_jax/interop/pth_read.py",
+        "dino_jax/interop/pth_storage.py",
         "        if self.view_elements > bound:",
         "        if False:",
         ("tests/test_pth_bounds.py", "-k", "stride_0"),
     ),
     Case(
         ".pth storages bounded by the file's size (zip bomb)",
-        "dino_jax/interop/pth_read.py",
+        "dino_jax/interop/pth_storage.py",
         "        if self.storage_bytes > self.storage_budget:",
         "        if False:",
         ("tests/test_pth_bounds.py", "-k", "inflating_past_the_file"),
@@ -370,7 +370,7 @@ CASES = [
     ),  # caught by test_flipped_array_data_is_refused_naming_the_array[1 bit], 21-29 s
     Case(
         "a checkpoint of the digest format without its digest record is damaged",
-        "dino_jax/checkpoint.py",
+        "dino_jax/checkpoint_digests.py",
         "    if record is None:\n"
         '        raise ValueError("its record of array digests is missing")',
         "    if record is None:\n        return None",
@@ -406,21 +406,21 @@ CASES = [
     ),  # caught by test_a_failed_background_save_is_reported_as_that_save, 16 s
     Case(
         "Orbax's writers still waiting for a failed save are released",
-        "dino_jax/checkpoint.py",
+        "dino_jax/checkpoint_orbax.py",
         "                thread.cancel()\n",
         "                raise RuntimeError\n",
         ("tests/test_faults_disk.py", "-k", "last_save"),
     ),  # caught by test_a_failed_last_save_keeps_the_previous_checkpoint, 44-46 s (30 s join)
     Case(
         "Orbax's and asyncio's reports of the failed writes are kept off the output",
-        "dino_jax/checkpoint.py",
+        "dino_jax/checkpoint_orbax.py",
         "            logger.addFilter(drop)\n",
         "            pass\n",
         ("tests/test_faults_disk.py", "-k", "kernel"),
     ),  # caught by test_train_py_exits_4_when_the_kernel_refuses_a_checkpoint_write, 13-16 s
     Case(
         "a line cut short in the history does not swallow the next record",
-        "dino_jax/checkpoint.py",
+        "dino_jax/checkpoint_storage.py",
         '            lead = b"" if f.read(1) == b"\\n" else b"\\n"',
         '            lead = b""',
         ("tests/test_checkpoint_digests.py", "-k", "cut_short"),
@@ -435,7 +435,7 @@ CASES = [
     ),  # caught by test_a_full_disk_at_the_history_append_is_one_message, 4 s
     Case(
         "a full disk at the final evaluation's write is one message",
-        "dino_jax/checkpoint.py",
+        "dino_jax/checkpoint_storage.py",
         "    except OSError as err:\n        _remove_quietly(temporary)",
         "    except ValueError as err:\n        _remove_quietly(temporary)",
         ("tests/test_faults_disk.py", "-k", "final_evaluation"),

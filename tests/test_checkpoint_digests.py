@@ -12,19 +12,17 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dino_jax import parallel
-from dino_jax.checkpoint import (
+from dino_jax.checkpoint import logged_checkpoint
+from dino_jax.checkpoint_digests import (
     DIGEST_SCHEME,
     DIGESTS_KEY,
     FORMAT,
     FORMAT_KEY,
-    append_line,
     array_digests,
     digest_mismatches,
-    logged_checkpoint,
     recorded_digests,
-    storage_error,
-    storage_failure,
 )
+from dino_jax.checkpoint_storage import append_line, storage_error, storage_failure
 
 RNG = np.random.default_rng(0)
 WEIGHTS = RNG.standard_normal((64, 48)).astype(np.float32)

@@ -13,7 +13,7 @@ from helpers.pth_files import official_files
 from helpers.tiny import TINY_RESNET, TINY_XCIT, tiny_config
 
 from dino_jax import validation
-from dino_jax.checkpoint import CheckpointError
+from dino_jax.checkpoint_resume import CheckpointError
 from dino_jax.config import ConfigError
 from dino_jax.interop.official import OfficialCheckpointError, load_official
 from dino_jax.models import rope

@@ -16,7 +16,8 @@ from helpers.xla import xla_flags
 
 from dino_jax import cli
 from dino_jax.bench import step as bench_step
-from dino_jax.checkpoint import CheckpointError, CheckpointSaveError
+from dino_jax.checkpoint_resume import CheckpointError
+from dino_jax.checkpoint_storage import CheckpointSaveError
 from dino_jax.config import ConfigError
 from dino_jax.data.sources import DataError
 from dino_jax.evaluate import cli as evaluate_cli

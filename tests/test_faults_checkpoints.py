@@ -17,7 +17,9 @@ from helpers.fault_helpers import finalised_steps, history, restore
 from helpers.states import assert_states_equal
 from helpers.tiny import tiny_config
 
-from dino_jax.checkpoint import DIGESTS_KEY, FORMAT_KEY, HISTORY, Checkpointer, CheckpointError
+from dino_jax.checkpoint import HISTORY, Checkpointer
+from dino_jax.checkpoint_digests import DIGESTS_KEY, FORMAT_KEY
+from dino_jax.checkpoint_resume import CheckpointError
 from dino_jax.config import flatten_config
 from dino_jax.trainer import build_run, train
 

@@ -21,7 +21,8 @@ from helpers.xla import xla_flags
 from orbax.checkpoint._src.futures import future as orbax_future
 from orbax.checkpoint._src.path import atomicity
 
-from dino_jax.checkpoint import HISTORY, Checkpointer, CheckpointSaveError
+from dino_jax.checkpoint import HISTORY, Checkpointer
+from dino_jax.checkpoint_storage import CheckpointSaveError
 from dino_jax.trainer import FINAL, train, write_final
 
 ENOSPC = "No space left on device [ENOSPC]"

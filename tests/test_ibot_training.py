@@ -214,7 +214,7 @@ def test_ibot_and_gram_resume_exactly_and_match_on_8_devices_and_1(tmp_path):
 
 
 def test_a_checkpoint_from_before_the_patch_options_resumes_and_changing_them_is_refused():
-    from dino_jax.checkpoint import CheckpointError, check_resume_config
+    from dino_jax.checkpoint_resume import CheckpointError, check_resume_config
     from dino_jax.config import flatten_config
     from dino_jax.trainer import saved_config
 

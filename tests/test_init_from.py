@@ -23,7 +23,7 @@ from helpers.pth_files import (
 from helpers.tiny import tiny_config
 
 from dino_jax import recipe
-from dino_jax.interop import architecture, official, pth_read
+from dino_jax.interop import architecture, official, pth_storage
 from dino_jax.interop.official import (
     OfficialCheckpointError,
     check_init_from,
@@ -78,13 +78,13 @@ def test_a_fitting_checkpoint_passes_and_loads_with_the_model_shapes(good):
 def counting_reads(monkeypatch) -> list[str]:
     """The storage records read from now on, by name."""
     read = []
-    original = pth_read._read_storage
+    original = pth_storage._read_storage
 
     def counted(archive, info, dtype):
         read.append(info.filename)
         return original(archive, info, dtype)
 
-    monkeypatch.setattr(pth_read, "_read_storage", counted)
+    monkeypatch.setattr(pth_storage, "_read_storage", counted)
     return read
 
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from helpers.pth_files import as_pth, dict_pkl, frag, tensor_ops, write_pth
 
-from dino_jax.interop import pth_read
-from dino_jax.interop.pth import PthError, UnsafeCheckpointError, load_pth, open_pth
+from dino_jax.interop import pth_checks, pth_read, pth_storage
+from dino_jax.interop.pth import PthError, TensorInfo, UnsafeCheckpointError, load_pth, open_pth
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 MB = 1 << 20
@@ -95,7 +95,7 @@ def test_too_many_opcodes_are_refused(tmp_path, tally, monkeypatch):
     path = as_pth(tmp_path / "many.pth", pkl)
     assert load_pth(path) == [None] * 5000
     assert open_pth(FIXTURES / "checkpoint.pth").tensors == 188  # 6,770 opcodes
-    monkeypatch.setattr(pth_read, "MAX_PICKLE_OPCODES", 4000)
+    monkeypatch.setattr(pth_checks, "MAX_PICKLE_OPCODES", 4000)
     with tally.bad_input():
         refused(path, "more than 4,000 opcodes")
 
@@ -229,15 +229,15 @@ def test_partial_load_reads_only_the_storages_asked_for(tmp_path, monkeypatch):
     pth = open_pth(write_pth(tmp_path / "two.pth", dict_pkl(entries), storages))
     assert pth.tree["a"].shape == (4,) and pth.storage_sizes == {"0": 16, "1": 8}
     read = []
-    original = pth_read._read_storage
+    original = pth_storage._read_storage
     monkeypatch.setattr(
-        pth_read,
+        pth_storage,
         "_read_storage",
         lambda a, info, d: read.append(info.filename) or original(a, info, d),
     )
     loaded = pth.load({"0"})
     np.testing.assert_array_equal(loaded["a"], np.arange(4))
-    assert isinstance(loaded["b"], pth_read.TensorInfo) and read == ["made/data/0"]
+    assert isinstance(loaded["b"], TensorInfo) and read == ["made/data/0"]
 
 
 # ---- the file itself ----------------------------------------------------------------------------

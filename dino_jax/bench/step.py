@@ -338,7 +338,7 @@ def emit(result: dict) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     """Measure every setting; the results (figures or errors) in order. Where one failed
     (or was refused), all the others are measured first, then SystemExit 1 (or 2)."""
-    from dino_jax.checkpoint import CheckpointError
+    from dino_jax.checkpoint_resume import CheckpointError
     from dino_jax.config import ConfigError
     from dino_jax.data.sources import DataError
 

@@ -41,7 +41,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from dino_jax.interop.pth_read import STORAGE_DTYPES
+from dino_jax.interop.pth_storage import STORAGE_DTYPES
 
 _STORAGE_NAMES = {dtype: name for name, dtype in STORAGE_DTYPES.items()}
 _ALIGN = 64  # torch aligns record payloads so that `torch.load(mmap=True)` can map them in place
