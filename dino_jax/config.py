@@ -145,6 +145,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.dino.gram_remove_neg = False
     c.dino.gram_remove_only_teacher_neg = False
     c.dino.gram_chunks = 1  # batch-level Grams over N equal chunks (official: per GPU)
+    # > 0: the student's last layer and DINO's cross-entropy made over N chunks of each
+    # device's batch, the logits of a chunk made again in the backward pass: the (crops, B, K)
+    # float32 logits are never held at once, for one more last-layer matmul (same values;
+    # docs/performance.md). 0: the logits of the whole batch at once
+    c.dino.loss_chunks = 0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.optimizer = "adamw"  # adamw | sgd | lars (main_dino.py --optimizer)

@@ -30,12 +30,74 @@ def dino_cross_entropy(
     n_teacher = teacher_targets.shape[0]
     if n_teacher > n_student:
         raise ValueError(f"{n_teacher} teacher crops but only {n_student} student crops")
+    return _mean_over_pairs(_pair_sums(student_logits, teacher_targets, student_temp), batch)
+
+
+def _pair_sums(student_logits: jax.Array, teacher_targets: jax.Array, student_temp) -> jax.Array:
+    """(T, S) matrix of batch-summed cross-entropies, one contraction over (batch, K)."""
     log_p = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
-    # (T, S) matrix of batch-summed cross-entropies, one contraction over (batch, K).
-    cross = -jnp.einsum("tbk,sbk->ts", teacher_targets, log_p, precision=jax.lax.Precision.HIGHEST)
+    return -jnp.einsum("tbk,sbk->ts", teacher_targets, log_p, precision=jax.lax.Precision.HIGHEST)
+
+
+def _mean_over_pairs(cross: jax.Array, batch: int) -> jax.Array:
+    """The mean over (teacher crop t, student crop s != t) pairs of `cross`'s batch sums."""
+    n_teacher, n_student = cross.shape
     same_crop = jnp.arange(n_teacher)[:, None] == jnp.arange(n_student)[None, :]
     n_pairs = n_teacher * n_student - n_teacher
     return jnp.sum(jnp.where(same_crop, 0.0, cross)) / (batch * n_pairs)
+
+
+def dino_cross_entropy_chunked(
+    embeddings: jax.Array,
+    prototypes: jax.Array,
+    teacher_targets: jax.Array,
+    *,
+    student_temp: float,
+    chunks: int,
+    dtype=jnp.float32,
+) -> jax.Array:
+    """`dino_cross_entropy` of the student logits `embeddings @ prototypes`, made over
+    `chunks` chunks of the batch so that the (S, B, K) float32 logits never exist at once.
+
+    embeddings: (S, B, d), the student head's L2-normalised bottleneck (DINOHead.embed);
+    prototypes: (d, K) float32, its last layer's weight (DINOHead.prototypes); the product is
+    taken as the last layer takes it, operands in `dtype`, float32 accumulation. Each chunk's
+    logits are made, reduced to its (T, S) cross-entropy sums and dropped; the backward pass
+    makes them again, one chunk at a time (a rematerialised scan). The cost: one more
+    last-layer matmul; the values differ from the unchunked ones only by float32 summation
+    order.
+
+    Chunk c holds images c, c + chunks, c + 2 chunks, ...: with the batch split over devices in
+    equal contiguous blocks, each divisible by `chunks`, every device's chunk is a strided
+    slice of its own images and nothing moves between devices.
+    """
+    n_student, batch, dim = embeddings.shape
+    n_teacher = teacher_targets.shape[0]
+    if n_teacher > n_student:
+        raise ValueError(f"{n_teacher} teacher crops but only {n_student} student crops")
+    if chunks < 1 or batch % chunks:
+        raise ValueError(f"{chunks} chunks do not split a batch of {batch} into equal parts")
+    rows = batch // chunks
+    # (chunks, S, B / chunks, d): the embeddings are small; the targets stay where they are
+    # and each chunk's are sliced out where they are used
+    z = jnp.moveaxis(embeddings.reshape(n_student, rows, chunks, dim), 2, 0)
+    targets = teacher_targets.reshape(n_teacher, rows, chunks, -1)
+
+    @jax.checkpoint
+    def add_chunk(total, chunk):
+        index, z_chunk = chunk
+        q = jax.lax.dynamic_index_in_dim(targets, index, axis=2, keepdims=False)
+        logits = jnp.einsum(
+            "sbd,dk->sbk",
+            z_chunk.astype(dtype),
+            prototypes.astype(dtype),  # cast per chunk: its gradient sums in float32
+            preferred_element_type=jnp.float32,
+        )
+        return total + _pair_sums(logits, q, student_temp), None
+
+    zeros = jnp.zeros((n_teacher, n_student), jnp.float32)
+    cross, _ = jax.lax.scan(add_chunk, zeros, (jnp.arange(chunks), z))
+    return _mean_over_pairs(cross, batch)
 
 
 def dino_loss(

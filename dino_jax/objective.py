@@ -22,19 +22,22 @@ Gram anchoring.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dino_jax.loss import dino_cross_entropy, teacher_probs
+from dino_jax.loss import dino_cross_entropy, dino_cross_entropy_chunked, teacher_probs
 
 
 @struct.dataclass
 class StepOutputs:
     """One step's network outputs, crop-major (global crops first), float32 logits."""
 
-    student_logits: jax.Array  # (n_crops, B, K): the student head on every crop
+    # (n_crops, B, K): the student head on every crop; None with dino.loss_chunks, where the
+    # loss makes them from student_embeddings and student_prototypes (student_cross_entropy)
+    student_logits: jax.Array | None
     teacher_logits: jax.Array  # (n_global, B, K): the teacher head on the global crops
     student_features: jax.Array  # (n_crops, B, D): the student backbone's features
     teacher_features: jax.Array  # (n_global, B, D)
@@ -57,6 +60,13 @@ class StepOutputs:
     # Gram anchoring (dino.gram_weight > 0), else None: the frozen Gram teacher's patch
     # tokens of the global crops, (n_global, B, N, D)
     gram_patch_tokens: jax.Array | None = None
+    # dino.loss_chunks > 0, else None: the student head's L2-normalised bottleneck of every
+    # crop (n_crops, B, d) and its float32 prototypes (d, K); the last layer's compute dtype
+    # and the number of batch chunks its logits are made in
+    student_embeddings: jax.Array | None = None
+    student_prototypes: jax.Array | None = None
+    logits_dtype: Any = struct.field(pytree_node=False, default=jnp.float32)
+    logits_chunks: int = struct.field(pytree_node=False, default=0)
 
 
 Objective = Callable[[StepOutputs], tuple[jax.Array, dict[str, jax.Array]]]
@@ -75,6 +85,22 @@ def teacher_targets(out: StepOutputs, centering: str = "ema") -> jax.Array:
     raise ValueError(f"centering={centering!r}: use one of {CENTERINGS}")
 
 
+def student_cross_entropy(out: StepOutputs, targets: jax.Array, student_temp: float) -> jax.Array:
+    """DINO's cross-entropy of the student's crops against `targets` (T, B, K): from its
+    logits, or, with dino.loss_chunks, made chunk by chunk from its bottleneck and prototypes
+    (dino_jax.loss.dino_cross_entropy_chunked), the same value."""
+    if out.student_logits is not None:
+        return dino_cross_entropy(out.student_logits, targets, student_temp=student_temp)
+    return dino_cross_entropy_chunked(
+        out.student_embeddings,
+        out.student_prototypes,
+        targets,
+        student_temp=student_temp,
+        chunks=out.logits_chunks,
+        dtype=out.logits_dtype,
+    )
+
+
 def dino_objective(student_temp: float = 0.1, centering: str = "ema") -> Objective:
     """DINO's loss: the mean over (teacher crop, other student crop) pairs of the batch-mean
     cross-entropy between the teacher's targets and the student's softmax at `student_temp`."""
@@ -83,7 +109,7 @@ def dino_objective(student_temp: float = 0.1, centering: str = "ema") -> Objecti
 
     def objective(out: StepOutputs):
         q = jax.lax.stop_gradient(teacher_targets(out, centering))
-        loss = dino_cross_entropy(out.student_logits, q, student_temp=student_temp)
+        loss = student_cross_entropy(out, q, student_temp)
         return loss, {"train/dino_loss": loss}
 
     return objective

@@ -156,6 +156,7 @@ def build(
         gram=GramRefresh(d.gram_start_step, d.gram_update_every) if d.gram_weight else None,
         branch_updates=c.optim.branch_updates,
         wait_for_gradient=c.optim.wait_for_gradient,
+        loss_chunks=d.loss_chunks,
     )
     aug = MultiCropConfig.from_config(c.aug)
     masks = step_masks(c, model.backbone)

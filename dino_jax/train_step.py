@@ -52,6 +52,9 @@ class DinoHParams:
     branch_updates: bool = False
     # the updates tied to the gradient's global norm (after_gradient)
     wait_for_gradient: bool = False
+    # > 0: the student's logits made by the loss in this many batch chunks, never all at once
+    # (dino.loss_chunks; dino_jax.loss.dino_cross_entropy_chunked)
+    loss_chunks: int = 0
 
 
 def finite_step(loss: jax.Array, grad_norm: jax.Array) -> jax.Array:
@@ -81,6 +84,22 @@ def after_gradient(grad_norm: jax.Array, tree):
     return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
 
 
+def call_objective(objective: Objective, outputs: StepOutputs):
+    """`objective(outputs)`; an objective that fails on the logits dino.loss_chunks leaves
+    out (student_logits None) gets an error that says so."""
+    try:
+        return objective(outputs)
+    except (AttributeError, TypeError) as err:
+        if outputs.student_logits is not None:
+            raise
+        raise TypeError(
+            f"the objective failed ({err}) with dino.loss_chunks={outputs.logits_chunks}, where"
+            " the student's logits are never made (StepOutputs.student_logits is None): set"
+            " dino.loss_chunks=0, or take DINO's term from"
+            " dino_jax.objective.student_cross_entropy"
+        ) from err
+
+
 def collapse_metrics(teacher_logits: jax.Array, center: jax.Array, temp: jax.Array) -> dict:
     """Teacher entropy (against ln K), KL(mean teacher distribution || uniform), center norm.
 
@@ -92,7 +111,9 @@ def collapse_metrics(teacher_logits: jax.Array, center: jax.Array, temp: jax.Arr
     q = teacher_probs(teacher_logits, center, temp)
     log_q = jax.nn.log_softmax(teacher_logits_centered(teacher_logits, center, temp), axis=-1)
     entropy = -jnp.sum(q * log_q, axis=-1).mean()
-    mean_q = q.reshape(-1, k).mean(0)
+    # over the crop and batch axes in place: a reshape merging them would gather a sharded
+    # batch onto every device
+    mean_q = q.mean(axis=tuple(range(q.ndim - 1)))
     kl_uniform = jnp.sum(mean_q * jnp.log(jnp.maximum(mean_q, 1e-30))) + jnp.log(k)
     return {
         "collapse/teacher_entropy": entropy,
@@ -177,9 +198,10 @@ def dino_update(
             mutable=["batch_stats"],
             # "rope": DINOv3's RoPE coordinate augmentations (unused by other backbones)
             rngs={"drop_path": key, "rope": jax.random.fold_in(key, 1)},
+            head_logits=not hp.loss_chunks,
         )
         outputs = StepOutputs(
-            student_logits=s_out.logits,  # (n_crops, B, K)
+            student_logits=s_out.logits,  # (n_crops, B, K); None with loss_chunks
             teacher_logits=t_out.logits,  # (2, B, K)
             student_features=s_out.features,  # (n_crops, B, D)
             teacher_features=t_out.features,  # (2, B, D)
@@ -194,9 +216,13 @@ def dino_update(
             patch_weights=patch_weights,
             patch_center=extras.get("patch_center"),
             gram_patch_tokens=gram_tokens,
+            student_embeddings=s_out.embeddings,
+            student_prototypes=s_out.prototypes,
+            logits_dtype=hp.model.head.dtype,
+            logits_chunks=hp.loss_chunks,
         )
         with jax.named_scope("loss"):
-            loss, terms = check_objective_result(hp.objective(outputs))
+            loss, terms = check_objective_result(call_objective(hp.objective, outputs))
         return loss, (s_stats, terms)
 
     (loss, (s_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)

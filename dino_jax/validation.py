@@ -99,6 +99,17 @@ def optim_errors(o, d, num_devices: int, num_processes: int) -> list[str]:
             o.batch_size % num_processes == 0,
             f"optim.batch_size={o.batch_size} is not divisible by the {num_processes} processes",
         )
+    chunks = d.loss_chunks
+    if chunks < 0:  # its type: schema_errors
+        e.append(f"dino.loss_chunks={chunks!r}: an int >= 0 (0: the whole batch's logits)")
+    elif chunks and isinstance(o.batch_size, int) and o.batch_size % num_devices == 0:
+        per_device = o.batch_size // num_devices
+        e.check(
+            per_device % chunks == 0,
+            f"dino.loss_chunks={chunks} does not split each device's {per_device} images"
+            f" (optim.batch_size={o.batch_size} over {num_devices} devices) into equal chunks:"
+            " use a divisor of it, or 0",
+        )
     e.check(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
     e.check(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr}: use [0, optim.lr]")
     e.check(

@@ -125,6 +125,7 @@ NOT_RECIPE_PREFIXES = (
     "aug.window",  # the same crops, resampled from a smaller window
     "optim.branch_updates",  # the same update, another program
     "optim.wait_for_gradient",  # the same update, another program
+    "dino.loss_chunks",  # the same loss, its logits made in chunks
 )
 SECTIONS = ("model", "dino", "optim", "aug")
 # The k-NN figure compared: k = 20, the headline of eval_knn.py and of dino_jax's evaluation.

@@ -124,8 +124,11 @@ class DINOHead(nn.Module):
         """Effective (bottleneck, K) prototype matrix g * v / ||v||."""
         return self.last_layer.weight()
 
-    def __call__(self, x: jax.Array, use_running_average: bool = True) -> jax.Array:
+    def embed(self, x: jax.Array, use_running_average: bool = True) -> jax.Array:
+        """The MLP's output L2-normalised in float32, what the last layer maps to logits."""
         x = self.mlp(x, use_running_average).astype(jnp.float32)
         # F.normalize: x / max(||x||, 1e-12), in float32.
-        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-        return self.last_layer(x)
+        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    def __call__(self, x: jax.Array, use_running_average: bool = True) -> jax.Array:
+        return self.last_layer(self.embed(x, use_running_average))

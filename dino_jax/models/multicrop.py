@@ -16,12 +16,17 @@ from dino_jax.models.head import DINOHead
 class MultiCropOutputs:
     """What one multi-crop call produced, crop-major (global crops first)."""
 
-    logits: jax.Array  # (n_crops, B, K) float32: the head on every crop's feature
+    logits: jax.Array | None  # (n_crops, B, K) float32: the head on every crop's feature
     features: jax.Array  # (n_crops, B, D): the backbone features the head was applied to
     # (n_global, B, N, D): the global crops' final-norm patch tokens (None: no patch tokens)
     patch_tokens: jax.Array | None = None
     # (n_chunks, capacity, K_patch) float32: the patch head on the gathered masked tokens
     patch_logits: jax.Array | None = None
+    # With `head_logits=False` (logits None): the head's L2-normalised bottleneck of every
+    # crop, (n_crops, B, d), and its (d, K) float32 prototypes, for a loss that makes the
+    # logits itself (dino_jax.loss.dino_cross_entropy_chunked)
+    embeddings: jax.Array | None = None
+    prototypes: jax.Array | None = None
 
 
 class MultiCropNetwork(nn.Module):
@@ -44,6 +49,9 @@ class MultiCropNetwork(nn.Module):
     (n_chunks, capacity) int32 gathers patch tokens of the global crops, each chunk's indices
     into its own images' flattened (images, n_global, N) tokens, and applies `patch_head`
     (iBOT's separate head) or `head` (the shared one) to them.
+
+    `head_logits=False` (with `return_features`) stops the head before its last layer: the
+    outputs carry the normalised bottleneck and the prototypes instead of the logits.
     """
 
     backbone: nn.Module  # a ViT, ResNet or XCiT (dino_jax.models.backbones)
@@ -59,8 +67,11 @@ class MultiCropNetwork(nn.Module):
         return_features: bool = False,
         masks: jax.Array | None = None,
         patch_index: jax.Array | None = None,
+        head_logits: bool = True,
     ):
         """(n_crops, B, K) logits; with `return_features`, a MultiCropOutputs."""
+        if not (head_logits or return_features):
+            raise ValueError("head_logits=False gives the head's bottleneck: set return_features")
         features, patch_tokens = [], None
         for i, group in enumerate(crops):
             batch, n = group.shape[:2]
@@ -80,7 +91,12 @@ class MultiCropNetwork(nn.Module):
         # K) logits are not, so they never need a transpose (the head acts per feature; a
         # BatchNorm in it sees the same set of features either way).
         features = jnp.swapaxes(jnp.concatenate(features, axis=1), 0, 1)  # (n_crops, B, D)
-        logits = self.head(features, use_running_average=use_running_average)  # (n_crops, B, K)
+        logits = embeddings = prototypes = None
+        if head_logits:
+            logits = self.head(features, use_running_average=use_running_average)  # (n_crops, B, K)
+        else:
+            embeddings = self.head.embed(features, use_running_average=use_running_average)
+            prototypes = self.head.prototypes()
         patch_logits = None
         if patch_index is not None:
             patch_logits = self._patch_logits(patch_tokens, patch_index, use_running_average)
@@ -93,6 +109,8 @@ class MultiCropNetwork(nn.Module):
             features=features,
             patch_tokens=None if patch_tokens is None else jnp.swapaxes(patch_tokens, 0, 1),
             patch_logits=patch_logits,
+            embeddings=embeddings,
+            prototypes=prototypes,
         )
 
     def _patch_logits(self, patch_tokens, patch_index, use_running_average):
