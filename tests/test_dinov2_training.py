@@ -50,4 +50,6 @@ def test_steps_on_8_devices_equal_1():
     # the official loss itself
     c = config(**{"model.layerscale_init": 1.0})
     runs = steps_on_meshes(c, 2)
-    assert_states_equal(runs[8].final, runs[1].final, rtol=1e-4, atol=1e-6)
+    # atol: a bias's Adam moment, a sum over every token with cancellation, is 4e-6 apart
+    # between the two shardings on some CPUs (an AMD EPYC; 1e-6 on a Xeon)
+    assert_states_equal(runs[8].final, runs[1].final, rtol=1e-4, atol=1e-5)

@@ -230,8 +230,9 @@ def test_sgd_matches_torch_with_groups_and_missing_gradients():
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_branch_updates_give_the_select_forms_values_frozen_and_not(name):
-    """optim.branch_updates: the frozen last layer kept by lax.cond, bit for bit the values of
-    the select, across the step that unfreezes it (compiled, as in training)."""
+    """optim.branch_updates: the frozen last layer kept by lax.cond, the values of the select
+    to float32 rounding, across the step that unfreezes it (compiled, as in training; the two
+    programs may vectorise a norm's sum differently: LARS's, on some CPUs)."""
     p0 = head_params()
     rng = np.random.default_rng(1)
     g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), p0)
@@ -246,7 +247,9 @@ def test_branch_updates_give_the_select_forms_values_frozen_and_not(name):
             seen.append(jax.device_get((p, state)))
         runs.append(seen)
     for select, branch in zip(*runs, strict=True):
-        jax.tree.map(np.testing.assert_array_equal, select, branch)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=0), select, branch
+        )
     assert not np.array_equal(
         runs[1][1][0]["last_layer"]["weight_v"], runs[1][2][0]["last_layer"]["weight_v"]
     )
