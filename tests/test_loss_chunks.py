@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.fault_helpers import logged
 from helpers.states import assert_states_equal
 from helpers.tiny import tiny_config
 
@@ -118,10 +119,14 @@ def run_both(tmp_path, overrides: dict) -> dict:
 )
 def test_three_training_steps_match_the_default(tmp_path, overrides):
     """Loss, gradients (through the parameters, moments and teacher they move) and state after
-    three steps of the trainer, the last layer unfrozen at the third."""
+    three steps of the trainer, the last layer trained from the first (its prototypes'
+    gradient is the chunked sum)."""
     base = {"train.max_steps": 3, "optim.freeze_last_layer": 0, **overrides}
     results = run_both(tmp_path, base)
     assert all(r.status == "max_steps" and int(r.state.step) == 3 for r in results.values())
+    losses = [logged(tmp_path / str(chunks), "train/loss") for chunks in (2, 0)]
+    assert losses[0] and len(losses[0]) == len(losses[1])
+    np.testing.assert_allclose(*losses, rtol=1e-6)
     assert_states_equal(results[2].state, results[0].state, rtol=1e-5, atol=1e-6)
 
 
