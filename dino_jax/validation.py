@@ -8,11 +8,11 @@ import math
 import os
 
 import ml_collections
-import numpy as np
 
 from dino_jax.config import ConfigError, closest_key, default_config, dotted, leaves
 from dino_jax.objective import CENTERINGS
-from dino_jax.validation_base import Errors
+from dino_jax.validation_base import Errors, seed_error
+from dino_jax.validation_eval import eval_errors, linear_errors
 from dino_jax.validation_model import (
     backbone_use_errors,
     input_multiple,
@@ -20,13 +20,6 @@ from dino_jax.validation_model import (
     optimizer_errors,
 )
 from dino_jax.validation_patches import patch_objective_errors
-
-# jax.random.key keeps the low 32 bits of a seed (2**32 gives the run of seed 0) and refuses
-# 2**63 and above; numpy and tf.data take any seed in this range.
-SEED_MAX = 2**32 - 1
-# The k-NN weights exp(similarity / T) of similarities up to 1 overflow float32 below this T,
-# and the accuracies come out wrong without any error.
-KNN_MIN_TEMPERATURE = 1.0 / math.log(float(np.finfo(np.float32).max))
 
 
 def validate(
@@ -53,16 +46,6 @@ def validate(
         errors += patch_objective_errors(c, num_processes)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
-
-
-def seed_error(name: str, value) -> str | None:
-    """Why `value` cannot seed every generator the code feeds it to, or None."""
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= SEED_MAX:
-        return None
-    return (
-        f"{name}={value!r}: a seed is an int in [0, 2**32 - 1 = {SEED_MAX}] (jax.random.key keeps"
-        " 32 bits: a larger seed repeats a smaller one or fails)"
-    )
 
 
 def dino_errors(d: ml_collections.ConfigDict) -> list[str]:
@@ -249,61 +232,6 @@ def train_errors(t: ml_collections.ConfigDict) -> list[str]:
         " or '' (no persistent compilation cache)",
     )
     return e
-
-
-def eval_errors(v: ml_collections.ConfigDict, patch_size, num_devices: int) -> list[str]:
-    e = Errors()
-    e.check(v.knn_every_epochs >= 0, "eval.knn_every_epochs must be >= 0 (0: end only)")
-    e.check(
-        len(v.knn_ks) > 0 and all(isinstance(k, int) and k > 0 for k in v.knn_ks),
-        f"eval.knn_ks={v.knn_ks}: one or more positive ints (official 10,20,100,200)",
-    )
-    e.check(
-        v.knn_temperature >= KNN_MIN_TEMPERATURE,
-        f"eval.knn_temperature={v.knn_temperature}: use at least {KNN_MIN_TEMPERATURE:.4f} (below,"
-        " the neighbour weights exp(similarity / T) overflow float32; official 0.07)",
-    )
-    e.positive_int("eval.resize", v.resize)
-    e.positive_int("eval.crop", v.crop)
-    e.check(v.knn_max_train >= 0, "eval.knn_max_train must be >= 0 (0: the whole split)")
-    e.check(v.attention_images >= 0, "eval.attention_images must be >= 0")
-    e.check(v.crop <= v.resize, f"eval.crop={v.crop} is larger than eval.resize={v.resize}")
-    if isinstance(patch_size, int) and patch_size > 0:
-        e.check(
-            v.crop % patch_size == 0,
-            f"eval.crop={v.crop} is not a multiple of model.patch_size={patch_size}",
-        )
-    e.positive_int("eval.batch_size", v.batch_size)
-    e.splits_over_devices("eval.batch_size", v.batch_size, num_devices)
-    return e
-
-
-def linear_errors(lin: ml_collections.ConfigDict, depth: int | None = None) -> list[str]:
-    """The linear probe's settings; `depth`: the probed backbone's, when known."""
-    seed = seed_error("linear.seed", lin.seed)
-    return ([seed] if seed else []) + [
-        f"linear.{key}={lin[key]!r}: {need}"
-        for key, ok, need in [
-            ("epochs", lin.epochs >= 1, "at least 1"),
-            ("lr", lin.lr > 0, "must be > 0"),
-            ("batch_size", lin.batch_size >= 1, "at least 1"),
-            ("momentum", 0 <= lin.momentum < 1, "in [0, 1)"),
-            (
-                "n_last_blocks",
-                1 <= lin.n_last_blocks <= (depth or lin.n_last_blocks),
-                f"in [1, depth={depth}]",
-            ),
-            (
-                "crop_scale",
-                len(lin.crop_scale) == 2 and 0 < lin.crop_scale[0] <= lin.crop_scale[1] <= 1,
-                "0 < lo <= hi <= 1",
-            ),
-            ("val_every_epochs", lin.val_every_epochs >= 1, "at least 1"),
-            ("steps_per_epoch", lin.steps_per_epoch >= 0, ">= 0 (0: the whole split)"),
-            ("num_classes", lin.num_classes >= 0, ">= 0 (0: from the labels)"),
-        ]
-        if not ok
-    ]
 
 
 def evaluates(c: ml_collections.ConfigDict) -> bool:

@@ -152,7 +152,7 @@ CASES = [
     ),
     Case(
         "seeds fit jax.random.key, numpy and tf.data",
-        "dino_jax/validation.py",
+        "dino_jax/validation_base.py",
         "    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= SEED_MAX:",
         "    if True:",
         ("tests/test_bad_config.py", "-k", "seed"),
@@ -166,7 +166,7 @@ CASES = [
     ),
     Case(
         "an empty eval.knn_ks is refused",
-        "dino_jax/validation.py",
+        "dino_jax/validation_eval.py",
         "        len(v.knn_ks) > 0 and all(",
         "        all(",
         ("tests/test_bad_config.py", "-k", "empty"),

@@ -17,12 +17,12 @@ import json
 import logging
 import os
 import time
-import zipfile
 from typing import Any
 
 import numpy as np
 
 from dino_jax import cli
+from dino_jax.evaluate.cli_checks import argument_errors, size_errors, video_size
 
 _LOG = logging.getLogger("dino_jax.evaluate")
 PROG = "dino-jax-evaluate"
@@ -212,22 +212,6 @@ def run_attention(args, backbone, variables, info) -> dict[str, Any]:
     return {**info.describe(), "image": args.image, "written": written}
 
 
-def video_size(resize: list[str]) -> int | tuple[int, int] | None:
-    """--resize as attention.prepare_image takes it; ValueError if it is none of its forms."""
-    if [r.lower() for r in resize] == ["none"]:
-        return None
-    try:
-        sizes = [int(r) for r in resize]
-    except ValueError:
-        sizes = []
-    if not 1 <= len(sizes) <= 2 or min(sizes) < 1:
-        raise ValueError(
-            f"--resize {' '.join(resize)}: one positive int (the shorter side), two (height"
-            " width) or 'none'"
-        )
-    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
-
-
 def run_video(args, backbone, variables, info) -> dict[str, Any]:
     from dino_jax.evaluate.video import import_av, make_video
 
@@ -251,114 +235,22 @@ def run_video(args, backbone, variables, info) -> dict[str, Any]:
     return {**info.describe(), **result}
 
 
-def video_errors(args) -> list[str]:
-    """What is wrong with the video command's options and input, before the weights are
-    read: sizes and rates, the input (a folder's images checked, a video's first frame
-    decoded) and an output folder that already holds files (stale frames would mix in)."""
-    from dino_jax.evaluate.video import input_error
-
-    errors = []
-    try:
-        video_size(args.resize)
-    except ValueError as err:
-        errors.append(str(err))
-    if args.fps is not None and not args.fps > 0:
-        errors.append(f"--fps {args.fps}: a positive frame rate")
-    if args.batch_size < 1:
-        errors.append(f"--batch_size {args.batch_size}: at least 1")
-    errors.append(input_error(args.input))
-    if os.path.isdir(args.out) and os.listdir(args.out):
-        errors.append(
-            f"--out {args.out} is not empty: give a new or empty directory (the frames of an"
-            " earlier video would mix with the new ones)"
-        )
-    return errors
-
-
-def argument_errors(args) -> list[str]:
-    """What is wrong with the options, found before the weights are read: the output
-    folders must be (or be creatable as) writable directories, the image an image."""
-    from dino_jax.workdir import unusable_reason
-
-    errors = []
-    for flag in ("out", "features_dir"):
-        path = getattr(args, flag, None)
-        if path is not None and not path.strip():
-            errors.append(f"--{flag} is empty: name a directory")
-        elif path is not None:
-            errors.append(unusable_reason(path, f"--{flag}"))
-    if args.command == "attention":
-        errors.append(image_error(args.image))
-        if not 1 <= len(args.image_size) <= 2 or min(args.image_size) < 1:
-            errors.append(
-                f"--image_size {' '.join(map(str, args.image_size))}: one positive int (the"
-                " shorter side) or two (height width)"
-            )
-    if args.command == "video":
-        errors += video_errors(args)
-    return [e for e in errors if e]
-
-
-def image_error(path: str) -> str | None:
-    """Why `path` cannot be read as an image (its header and data checked, not decoded), or
-    None."""
-    from PIL import Image
-
-    if not os.path.isfile(path):
-        return f"--image {path}: no such file"
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        return f"--image {path} is not a readable image ({type(err).__name__}: {err})"
-    return None
-
-
-def cached_size(features_dir: str | None, split: str) -> int | None:
-    """Rows of the features of `split` saved in `features_dir` (labels read only), or None."""
-    path = os.path.join(features_dir, split.replace("/", "_") + ".npz") if features_dir else None
-    if not path or not os.path.isfile(path):
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as saved:
-            return int(saved["labels"].shape[0])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # not one: the data decides
-        return None
-
-
-def size_errors(config, command: str, features_dir: str | None = None) -> list[str]:
-    """The settings that cannot work with the sizes of the splits: each split is opened
-    (listed) now, before any feature is computed, unless its features are saved already."""
-    from dino_jax import validation_sizes as checks
-    from dino_jax.data.pipeline import eval_data
-
-    def size(split: str) -> int:
-        cached = cached_size(features_dir, split)
-        if cached is not None:
-            return cached
-        return eval_data(config.data, split, config.eval.batch_size).source.global_size
-
-    bank, test = size(config.data.eval_train_split), size(config.data.eval_test_split)
-    if command == "knn":
-        return checks.knn_size_errors(config.eval, config.data, bank, test)
-    return checks.linear_size_errors(config.linear, config.data, bank, test)
-
-
 def check_eval_config(config, backbone, command: str, num_devices: int) -> None:
     """The sections an evaluation reads, checked by the training validators (the patch size
     is the loaded backbone's); exits 2 with every problem listed."""
     from dino_jax import validation as checks
     from dino_jax.models.backbones import size_multiple, vit_depth
+    from dino_jax.validation_eval import eval_errors, linear_errors
 
     errors = checks.schema_errors(config)
     if not errors:
         errors += checks.data_errors(config.data, config.seed, config.init_from)
-        errors += checks.eval_errors(config.eval, size_multiple(backbone), num_devices)
+        errors += eval_errors(config.eval, size_multiple(backbone), num_devices)
         for key in ("eval_train_split", "eval_test_split"):
             if not config.data[key]:
                 errors.append(f"data.{key} is empty: name the split (--config.data.{key}=...)")
         if command == "linear":
-            errors += checks.linear_errors(config.linear, vit_depth(backbone))
+            errors += linear_errors(config.linear, vit_depth(backbone))
             if config.linear.batch_size % num_devices:
                 errors.append(
                     f"linear.batch_size={config.linear.batch_size}: use a multiple of the"

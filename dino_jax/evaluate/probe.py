@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from dino_jax.validation import linear_errors
+from dino_jax.validation_eval import linear_errors
 
 _EVAL_CHUNK = 8192  # validation rows scored per call
 
