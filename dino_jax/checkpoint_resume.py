@@ -25,6 +25,7 @@ FREE_PREFIXES = (
     "aug.window",  # the same crops from less of the canvas
     "optim.branch_updates",  # the same values, another program
     "optim.wait_for_gradient",  # the same values, another program
+    "optim.flat_state",  # the same values, another layout while stepping
     "dino.loss_chunks",  # the same loss, its logits made in chunks
     "train.steps_in_flight",
     "train.compilation_cache",

@@ -169,6 +169,10 @@ def default_config() -> ml_collections.ConfigDict:
     # every update made to wait for the whole gradient (its global norm), so that XLA can
     # overwrite the donated weights in place instead of copying them (docs/performance.md)
     c.optim.wait_for_gradient = False
+    # the student, the teacher and the moments held as one flat vector per update group
+    # while the run steps: the update and the EMA as a few large kernels (AdamW and SGD;
+    # checkpoints stay per tensor; dino_jax.optim_flat, docs/performance.md)
+    c.optim.flat_state = False
 
     c.aug = ml_collections.ConfigDict()  # see dino_jax.data.augment.MultiCropConfig
     c.aug.global_size = 224

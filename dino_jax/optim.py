@@ -54,13 +54,26 @@ def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
         if not max_norm:
             return grads, state
 
-        def clip(g):
-            coef = max_norm / (jnp.linalg.norm(g.astype(jnp.float32)) + 1e-6)
-            return jnp.where(coef < 1.0, g * coef.astype(g.dtype), g)
-
-        return jax.tree.map(clip, grads), state
+        return jax.tree.map(lambda g: clip_tensor(g, max_norm), grads), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def clip_tensor(g: jax.Array, max_norm: float) -> jax.Array:
+    """One tensor of utils.clip_gradients: scaled by max_norm / (||g|| + 1e-6) when < 1."""
+    coef = max_norm / (jnp.linalg.norm(g.astype(jnp.float32)) + 1e-6)
+    return jnp.where(coef < 1.0, g * coef.astype(g.dtype), g)
+
+
+def guarded(skip: bool | jax.Array, update: Callable[[], tuple], keep: Callable[[], tuple], branch):
+    """`update()` where `skip` is False, `keep()` where True: chosen when the step is traced
+    if `skip` is a Python bool, else by `lax.cond` (`branch`) or a select of both results."""
+    if isinstance(skip, bool):  # known when the step is traced
+        return keep() if skip else update()
+    if branch:
+        return jax.lax.cond(skip, keep, update)
+    active = ~jnp.asarray(skip)
+    return tuple(jnp.where(active, n, o) for n, o in zip(update(), keep(), strict=True))
 
 
 def leafwise(
@@ -98,14 +111,7 @@ def leafwise(
         def keep():
             return (jnp.zeros_like(p), *old)
 
-        if isinstance(skip, bool):  # known when the step is traced
-            return keep() if skip else update()
-        if branch:
-            return jax.lax.cond(skip, keep, update)
-        active = ~jnp.asarray(skip)
-        u, *new = update()
-        kept = (jnp.where(active, n, o) for n, o in zip(new, old, strict=True))
-        return (jnp.where(active, u, 0.0).astype(p.dtype), *kept)
+        return guarded(skip, update, keep, branch)
 
     out = jax.tree_util.tree_map_with_path(leaf, grads, params, *states)
     treedef = jax.tree.structure(grads)
@@ -119,6 +125,28 @@ class TorchAdamWState(NamedTuple):
     count: PyTree  # int32 per leaf: PyTorch's per-parameter step
     mu: PyTree
     nu: PyTree
+
+
+class AdamWHyper(NamedTuple):
+    lr: jax.Array
+    wd: jax.Array
+    b1: float
+    b2: float
+    eps: float
+
+
+def adamw_rule(h: AdamWHyper, decays: bool, g, p, count, mu, nu) -> tuple:
+    """torch.optim.AdamW on one tensor (or one flat group of them, dino_jax.optim_flat):
+    (update, count, mu, nu) after PyTorch's step."""
+    new_count = count + 1
+    new_mu = h.b1 * mu + (1.0 - h.b1) * g
+    new_nu = h.b2 * nu + (1.0 - h.b2) * jnp.square(g)
+    t = new_count.astype(jnp.float32)
+    denom = jnp.sqrt(new_nu) / jnp.sqrt(1.0 - h.b2**t) + h.eps
+    u = -(h.lr / (1.0 - h.b1**t)) * new_mu / denom
+    if decays:
+        u = u - h.lr * h.wd * p  # p * (1 - lr * wd), applied with the Adam step
+    return u, new_count, new_mu, new_nu
 
 
 def torch_adamw(
@@ -153,15 +181,8 @@ def torch_adamw(
         wd = weight_decay(step)
 
         def rule(name, g, p, count, mu, nu):
-            new_count = count + 1
-            new_mu = b1 * mu + (1.0 - b1) * g
-            new_nu = b2 * nu + (1.0 - b2) * jnp.square(g)
-            t = new_count.astype(jnp.float32)
-            denom = jnp.sqrt(new_nu) / jnp.sqrt(1.0 - b2**t) + eps
-            u = -(lr / (1.0 - b1**t)) * new_mu / denom
-            if decay(name, p):
-                u = u - lr * wd * p  # p * (1 - lr * wd), applied with the Adam step
-            return u, new_count, new_mu, new_nu
+            hyper = AdamWHyper(lr, wd, b1, b2, eps)
+            return adamw_rule(hyper, decay(name, p), g, p, count, mu, nu)
 
         updates, count, mu, nu = leafwise(
             rule, grads, params, (state.count, state.mu, state.nu), step, skipped, branch
@@ -171,15 +192,25 @@ def torch_adamw(
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+SGD_MOMENTUM = 0.9  # main_dino.py: torch.optim.SGD(params_groups, lr=0, momentum=0.9)
+
+
 class TorchSGDState(NamedTuple):
     momentum_buffer: PyTree  # torch.optim.SGD's state name
+
+
+def sgd_rule(lr, wd, momentum: float, decays: bool, g, p, buf) -> tuple:
+    """torch.optim.SGD with momentum on one tensor (or one flat group): (update, buffer)."""
+    d = g + wd * p if decays else g
+    buf = momentum * buf + d
+    return -lr * buf, buf
 
 
 def torch_sgd(
     learning_rate: Schedule,
     weight_decay: Schedule,
     *,
-    momentum: float = 0.9,
+    momentum: float = SGD_MOMENTUM,
     decay: PathPredicate = official_decay,
     skipped: SkipPredicate | None = None,
     branch: bool = False,
@@ -203,9 +234,7 @@ def torch_sgd(
         wd = weight_decay(step)
 
         def rule(name, g, p, buf):
-            d = g + wd * p if decay(name, p) else g
-            buf = momentum * buf + d
-            return -lr * buf, buf
+            return sgd_rule(lr, wd, momentum, decay(name, p), g, p, buf)
 
         updates, buf = leafwise(
             rule, grads, params, (state.momentum_buffer,), step, skipped, branch
@@ -269,6 +298,20 @@ def lars(
 OPTIMIZERS = ("adamw", "sgd", "lars")  # main_dino.py --optimizer choices
 
 
+def dino_skipped(schedules: Schedules, norm_last_layer: bool) -> SkipPredicate:
+    """The recipe's parameters without gradient: the fixed prototype gains always, the last
+    layer while `schedules.last_layer_frozen(step)`."""
+    fixed_gain = frozen_weight_g(norm_last_layer)
+
+    def skipped(name, param, step):
+        """True, False, or (the last layer) a traced bool of the step."""
+        if fixed_gain(name, param):
+            return True
+        return schedules.last_layer_frozen(step) if is_last_layer(name, param) else False
+
+    return skipped
+
+
 def dino_optimizer(
     schedules: Schedules,
     *,
@@ -286,14 +329,7 @@ def dino_optimizer(
     gains skipped always. `b1`, `b2`, `eps` are AdamW's. Call
     `update(grads, opt_state, params, step=step)`. `branch_updates`: the frozen last layer
     kept by lax.cond rather than a select (leafwise)."""
-    fixed_gain = frozen_weight_g(norm_last_layer)
-
-    def skipped(name, param, step):
-        """True, False, or (the last layer) a traced bool of the step."""
-        if fixed_gain(name, param):
-            return True
-        return schedules.last_layer_frozen(step) if is_last_layer(name, param) else False
-
+    skipped = dino_skipped(schedules, norm_last_layer)
     if optimizer == "adamw":
         rule = torch_adamw(
             schedules.lr,

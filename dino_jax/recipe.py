@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from dino_jax.models import DINOHead, MultiCropNetwork
 from dino_jax.models.backbones import build_backbone, size_multiple
 from dino_jax.objective import Objective, objective_from_config
 from dino_jax.optim import dino_optimizer
+from dino_jax.optim_flat import flat_optimizer
 from dino_jax.schedules import Schedules
 from dino_jax.state import TrainState, init_state, sample_crops
 from dino_jax.train_step import DinoHParams, GramRefresh
@@ -136,6 +138,20 @@ class Recipe:
         if self.hp.gram is not None:
             extras["gram_teacher"] = jax.tree.map(jnp.copy, state.teacher["backbone"])
         return extras
+
+
+def with_flat_state(built: Recipe, c: ml_collections.ConfigDict, student: Any) -> Recipe:
+    """`built` stepping with the flat groups of optim.flat_state (dino_jax.optim_flat);
+    `student`: the student's params or their shapes."""
+    flat = flat_optimizer(
+        student,
+        built.hp.schedules,
+        optimizer=c.optim.optimizer,
+        clip_grad=c.optim.clip_grad,
+        norm_last_layer=c.model.norm_last_layer,
+        branch_updates=c.optim.branch_updates,
+    )
+    return dataclasses.replace(built, hp=dataclasses.replace(built.hp, flat=flat))
 
 
 def build(

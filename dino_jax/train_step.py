@@ -14,6 +14,7 @@ from dino_jax.ibot import update_patch_center_per_chunk
 from dino_jax.loss import teacher_logits_centered, teacher_probs, update_center
 from dino_jax.models.multicrop import MultiCropNetwork
 from dino_jax.objective import Objective, StepOutputs, check_objective_result, dino_objective
+from dino_jax.optim_flat import FlatOptimizer, as_tree
 from dino_jax.schedules import Schedules
 from dino_jax.state import TrainState, ema, variables
 
@@ -55,6 +56,9 @@ class DinoHParams:
     # > 0: the student's logits made by the loss in this many batch chunks, never all at once
     # (dino.loss_chunks; dino_jax.loss.dino_cross_entropy_chunked)
     loss_chunks: int = 0
+    # the state's networks and moments in flat groups (optim.flat_state): its optimiser,
+    # used in place of `tx`, which still gives the per-tensor state checkpoints hold
+    flat: FlatOptimizer | None = None
 
 
 def finite_step(loss: jax.Array, grad_norm: jax.Array) -> jax.Array:
@@ -147,6 +151,10 @@ def dino_update(
     patch center moves after the loss. With a Gram teacher (hp.gram), it is refreshed from
     the EMA teacher when due, before its forward on the global crops.
 
+    With `hp.flat` (optim.flat_state) the student, the teacher and the optimiser's state are
+    flat groups of tensors (dino_jax.optim_flat): the networks read their tensors as slices of
+    them, and `hp.flat` updates them where `hp.tx` would update the per-tensor state.
+
     With `skip_nonfinite`, a step whose loss or gradient norm is not finite leaves the state
     as it was but for the step count (the Gram teacher's refresh included), and the metrics
     gain "train/skipped" (1.0 for such a step).
@@ -160,8 +168,10 @@ def dino_update(
         patch_weights = masks["mask_weight"].reshape(hp.ibot_chunks, -1)
         student_masks = masks["masks"]
     # Both networks normalise with batch statistics and update their own running ones.
+    # the networks as trees of tensors (views of the flat groups with optim.flat_state)
+    student_params, teacher_params = as_tree(state.student), as_tree(state.teacher)
     t_out, t_stats = hp.model.apply(
-        variables(state.teacher, state.teacher_stats),
+        variables(teacher_params, state.teacher_stats),
         crops[:1],
         use_running_average=False,
         return_features=True,
@@ -176,7 +186,7 @@ def dino_update(
         extras["gram_teacher"] = jax.tree.map(
             lambda frozen, ema_now: jnp.where(due, ema_now, frozen),
             state.extras["gram_teacher"],
-            state.teacher["backbone"],
+            teacher_params["backbone"],
         )
         gram_tokens = jax.lax.stop_gradient(
             hp.model.apply(
@@ -225,16 +235,20 @@ def dino_update(
             loss, terms = check_objective_result(call_objective(hp.objective, outputs))
         return loss, (s_stats, terms)
 
-    (loss, (s_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student)
+    (loss, (s_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(student_params)
     momentum = ema_momentum = sch.momentum(step)
     with jax.named_scope("optimizer"):
         grad_norm = global_norm(grads)
         if hp.wait_for_gradient:  # the teacher's EMA too: its fixed gains have no gradient
             grads, ema_momentum = after_gradient(grad_norm, (grads, momentum))
 
+    with jax.named_scope("loss"):
+        collapse = collapse_metrics(t_out.logits, state.center, teacher_temp)
+
     def updated() -> TrainState:
         with jax.named_scope("optimizer"):
-            updates, opt_state = hp.tx.update(grads, state.opt_state, state.student, step=step)
+            tx = hp.tx if hp.flat is None else hp.flat
+            updates, opt_state = tx.update(grads, state.opt_state, state.student, step=step)
             student = optax.apply_updates(state.student, updates)
         with jax.named_scope("ema"):
             teacher = ema(state.teacher, student, ema_momentum)
@@ -245,6 +259,8 @@ def dino_update(
                     extras["patch_center"], t_out.patch_logits, patch_weights, hp.center_momentum
                 )
             center = update_center(state.center, t_out.logits, hp.center_momentum)
+            if hp.wait_for_gradient:  # after the metrics' read of the old one: in place
+                center = after_gradient(sum(collapse.values()), center)
         return state.replace(
             step=step + 1,
             student=student,
@@ -265,8 +281,6 @@ def dino_update(
             new_state = kept.replace(step=step + 1)
     else:
         new_state = updated()
-    with jax.named_scope("loss"):
-        collapse = collapse_metrics(t_out.logits, state.center, teacher_temp)
     metrics = {
         **terms,
         "train/loss": loss,

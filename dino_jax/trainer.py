@@ -81,6 +81,40 @@ class Run:
             jax.process_count(),
         )
 
+    @functools.cached_property
+    def step_sharding(self):
+        """The shardings of the state the step takes: `state_sharding`, or with
+        optim.flat_state those of its flat groups (replicated)."""
+        if self.hp.flat is None:
+            return self.state_sharding
+        flat = jax.eval_shape(self.hp.flat.to_flat, self.abstract_state)
+        return parallel.state_shardings(flat, self.mesh, fsdp=False)
+
+    def to_step(self, state: TrainState) -> TrainState:
+        """A per-tensor state (initial or restored) in the layout the step takes."""
+        if self.hp.flat is None:
+            return state
+        mismatched = self.hp.flat.count_mismatches(state)
+        if mismatched:
+            raise CheckpointError(
+                f"optim.flat_state keeps one step count per group of tensors, and the state's"
+                f" tensors in {', '.join(mismatched)} have different counts: resume it with"
+                " optim.flat_state=False"
+            )
+        return self._flatten(state)
+
+    def to_tree(self, state: TrainState) -> TrainState:
+        """The step's state per tensor, as checkpoints and evaluations take it (a copy)."""
+        return state if self.hp.flat is None else self._unflatten(state)
+
+    @functools.cached_property
+    def _flatten(self):
+        return jax.jit(self.hp.flat.to_flat, out_shardings=self.step_sharding)
+
+    @functools.cached_property
+    def _unflatten(self):
+        return jax.jit(self.hp.flat.to_tree, out_shardings=self.state_sharding)
+
     @property
     def restore_target(self):
         """The abstract state with its shardings: what a checkpoint is restored into."""
@@ -113,6 +147,8 @@ def build_run(
         )
     built = recipe.build(config, data.steps_per_epoch, objective)
     abstract = built.abstract_state()
+    if config.optim.flat_state:
+        built = recipe.with_flat_state(built, config, abstract.student)
     shardings = parallel.state_shardings(abstract, mesh, config.train.fsdp)
     return Run(config, mesh, data, built, abstract, shardings, data.skips)
 
@@ -133,8 +169,8 @@ def compile_step(run: Run):
     replicated = parallel.replicated(run.mesh)
     return jax.jit(
         _update(run),
-        in_shardings=(run.state_sharding, parallel.batch_sharding(run.mesh), replicated),
-        out_shardings=(run.state_sharding, replicated),
+        in_shardings=(run.step_sharding, parallel.batch_sharding(run.mesh), replicated),
+        out_shardings=(run.step_sharding, replicated),
         donate_argnums=(0,),
     )
 
@@ -154,12 +190,12 @@ def compile_loop_step(run: Run):
     return jax.jit(
         counted_train_step,
         in_shardings=(
-            run.state_sharding,
+            run.step_sharding,
             parallel.batch_sharding(run.mesh),
             replicated,
             replicated,
         ),
-        out_shardings=(run.state_sharding, replicated, replicated),
+        out_shardings=(run.step_sharding, replicated, replicated),
         donate_argnums=(0,),
     )
 
@@ -303,6 +339,7 @@ def _train_locked(
         _LOG.info("the run finished at step %d; its final evaluation is in %s", total, FINAL)
         return TrainResult(state=state, status="finished", steps_per_epoch=spe, metrics=done_before)
     meta = {"config": flat, "steps_per_epoch": spe}
+    state = run.to_step(state)
     logger = MetricLogger(
         workdir,
         total_steps=last,
@@ -335,7 +372,7 @@ def _train_locked(
         # such a state would make every later resume start from garbage.
         if not bool(all_finite(state)):
             raise NonFiniteLossError(nonfinite_message(step - 1, {}, ckpt, "update"))
-        ckpt.save(state, {**meta, "step": step}, force=force)
+        ckpt.save(run.to_tree(state), {**meta, "step": step}, force=force)
 
     batches = pipeline.device_batches(run.host_batches(), run.mesh, config.data.prefetch)
     try:
@@ -357,7 +394,7 @@ def _train_locked(
                 break
             if evaluator and done % spe == 0 and evaluator.due(done // spe):
                 metrics = checks.check() or metrics
-                logger.record(done, evaluator(state, done // spe))
+                logger.record(done, evaluator(run.to_tree(state), done // spe))
         metrics = checks.check() or metrics
         if status != "preempted":
             status = "finished" if last == total else "max_steps"
@@ -366,14 +403,18 @@ def _train_locked(
         ckpt.wait()
         logger.end_progress()
         if status == "finished":
-            final = evaluator(state, config.optim.epochs, final=True) if evaluator else {}
+            final = (
+                evaluator(run.to_tree(state), config.optim.epochs, final=True) if evaluator else {}
+            )
             logger.record(last, final)
             metrics.update(final)
             write_final(workdir, total, metrics)
     finally:
         ckpt.wait()
         logger.close()
-    return TrainResult(state=state, status=status, steps_per_epoch=spe, metrics=metrics)
+    return TrainResult(
+        state=run.to_tree(state), status=status, steps_per_epoch=spe, metrics=metrics
+    )
 
 
 @jax.jit

@@ -20,6 +20,7 @@ from dino_jax.validation_model import (
     optimizer_errors,
 )
 from dino_jax.validation_patches import patch_objective_errors
+from dino_jax.validation_speed import flat_state_errors
 
 
 def validate(
@@ -44,6 +45,7 @@ def validate(
         errors += crossed_errors(c)
         errors += backbone_use_errors(c)
         errors += patch_objective_errors(c, num_processes)
+        errors += flat_state_errors(c)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 

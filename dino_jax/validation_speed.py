@@ -1,9 +1,10 @@
 """Validation of the speed options of `config.model` (attention_pad, gelu, remat): their values,
-and the backbones that have what they act on."""
+and the backbones that have what they act on; and of optim.flat_state's combinations."""
 
 from __future__ import annotations
 
 from dino_jax.models.vit import GELUS, REMATS
+from dino_jax.optim_flat import FLAT_OPTIMIZERS
 from dino_jax.validation_base import Errors
 
 SPEED_DEFAULTS = {"attention_pad": 0, "gelu": "exact", "remat": "none"}
@@ -51,5 +52,24 @@ def speed_option_errors(m, kind: str | None) -> list[str]:
             m.ffn == "mlp" or m.gelu == SPEED_DEFAULTS["gelu"],
             f"model.gelu={m.gelu!r} with model.ffn={m.ffn!r}: the SwiGLU feed-forward has no"
             " GELU (its gate is a SiLU); leave model.gelu='exact', or set model.ffn=mlp",
+        )
+    return e
+
+
+def flat_state_errors(c) -> list[str]:
+    """optim.flat_state: with AdamW or SGD (LARS scales each tensor by its own trust ratio),
+    and with the state replicated (train.fsdp splits each tensor over the devices)."""
+    e = Errors()
+    if c.optim.flat_state:
+        e.check(
+            c.optim.optimizer in FLAT_OPTIMIZERS,
+            f"optim.flat_state=True with optim.optimizer={c.optim.optimizer!r}: LARS scales each"
+            " tensor by its own trust ratio and has no flat form; use adamw or sgd, or set"
+            " optim.flat_state=False",
+        )
+        e.check(
+            not c.train.fsdp,
+            "optim.flat_state=True with train.fsdp=True: the flat groups are replicated, FSDP"
+            " splits each tensor over the devices; set one of them to False",
         )
     return e

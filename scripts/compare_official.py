@@ -126,6 +126,7 @@ NOT_RECIPE_PREFIXES = (
     "optim.branch_updates",  # the same update, another program
     "optim.wait_for_gradient",  # the same update, another program
     "dino.loss_chunks",  # the same loss, its logits made in chunks
+    "optim.flat_state",  # the same update, the state in flat groups while stepping
 )
 SECTIONS = ("model", "dino", "optim", "aug")
 # The k-NN figure compared: k = 20, the headline of eval_knn.py and of dino_jax's evaluation.

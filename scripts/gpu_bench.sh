@@ -93,7 +93,8 @@ else
   bf16=--config.model.compute_dtype=bfloat16
   speed=(--variant model.attention=cudnn,model.attention_pad=8 --variant model.gelu=tanh
     --variant aug.window=True --variant optim.branch_updates=True,optim.wait_for_gradient=True
-    --variant dino.loss_chunks=4)
+    --variant dino.loss_chunks=4
+    --variant optim.flat_state=True,optim.branch_updates=True,optim.wait_for_gradient=True)
   models=(vit_small16 vit_base16)
   declare -A args=(
     [vit_small16]="--config=vit_small16 $bf16 --batch 128 ${speed[*]} --variant model.remat=dots

@@ -1,5 +1,7 @@
 """Four official training steps reproduced in float32 (tests/fixtures/train_steps.npz)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from helpers.parity import official_crops, run_updates, train_steps_schedules
 from dino_jax.interop.state_dict import from_state_dict, to_state_dict
 from dino_jax.models import DINOHead, MultiCropNetwork, VisionTransformer
 from dino_jax.optim import dino_optimizer
+from dino_jax.optim_flat import FlatOptimizer, flat_optimizer
 from dino_jax.schedules import Schedules
 from dino_jax.state import create_state
 from dino_jax.train_step import DinoHParams, dino_update
@@ -39,9 +42,20 @@ def official_setup(data, **optimizer_kw):
     return hp, state
 
 
-def run_official_steps(data, **optimizer_kw):
+def run_official_steps(data, flat=False, **optimizer_kw):
+    """The official steps' states (per tensor) and metrics; `flat`: stepped with the state in
+    flat groups (optim.flat_state), each state taken back per tensor."""
     hp, state = official_setup(data, **optimizer_kw)
-    return run_updates(hp, state, data, N_STEPS)
+    if not flat:
+        return run_updates(hp, state, data, N_STEPS)
+    hp = dataclasses.replace(
+        hp,
+        flat=flat_optimizer(
+            state.student, hp.schedules, optimizer="adamw", clip_grad=3.0, norm_last_layer=True
+        ),
+    )
+    states, metrics = run_updates(hp, hp.flat.to_flat(state), data, N_STEPS)
+    return [hp.flat.to_tree(s) for s in states], metrics
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +63,9 @@ def data(fixtures_dir):
     return np.load(fixtures_dir / "train_steps.npz")
 
 
-@pytest.fixture(scope="module")
-def run(data):
-    return run_official_steps(data)
+@pytest.fixture(scope="module", params=["per_tensor", "flat_state"])
+def run(data, request):
+    return run_official_steps(data, flat=request.param == "flat_state")
 
 
 def rel_err(ours, ref):
@@ -175,3 +189,20 @@ def test_zeroing_the_frozen_gradient_would_not_match(data, run):
         )
         <= 1e-2
     )
+
+
+def test_a_flat_update_that_ignores_the_freeze_would_not_match(data, monkeypatch):
+    """The bound bites for the flat groups too: a flat update that trains the last layer from
+    the first step (its group never skipped) moves the layer the official second step (the
+    first with lr > 0) leaves frozen."""
+    name = "head.last_layer.weight_v"
+    ref = data[f"out/step1/student/module.{name}"]
+    states, _ = run_official_steps(data, flat=True)
+    ours = to_state_dict(jax.device_get(states[2].student), "module.")[f"module.{name}"]
+    np.testing.assert_array_equal(ours, ref)
+    monkeypatch.setattr(
+        FlatOptimizer, "_skipped", lambda self, group, step: group.startswith("fixed")
+    )
+    states, _ = run_official_steps(data, flat=True)
+    ours = to_state_dict(jax.device_get(states[2].student), "module.")[f"module.{name}"]
+    assert rel_err(ours, ref) > 1e-6

@@ -186,3 +186,22 @@ def group_of(op: HloOp | None, kernel: str = "") -> str:
     if op.opcode in MOVEMENT_OPCODES or op.movement or op.opcode == "custom-call":
         return "other"
     return "norm+elementwise"
+
+
+# Instructions of the entry computation that launch no work of their own.
+_BOOKKEEPING = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
+
+
+def entry_ops(hlo_text: str) -> dict[str, int]:
+    """The compiled step's top-level ops per group: the instructions of its entry computation
+    (fusions, custom calls, copies, collectives; the bookkeeping left out), about one kernel
+    each on a GPU before XLA merges sibling fusions."""
+    entry = hlo_text[hlo_text.index("\nENTRY") :].split("\n}", 1)[0]
+    ops = hlo_ops(hlo_text)
+    counts = dict.fromkeys(GROUPS, 0)
+    for line in entry.splitlines()[1:]:
+        instruction = _INSTRUCTION.match(line)
+        op = instruction and ops.get(instruction.group(1))
+        if op and op.opcode not in _BOOKKEEPING:
+            counts[group_of(op)] += 1
+    return counts

@@ -28,6 +28,7 @@ COLUMNS = (
     "peak GiB",
     "XLA peak GiB",
     "state copies MiB",
+    "optimizer ops",
     "command",
 )
 
@@ -69,7 +70,7 @@ def row(result: dict) -> list[str]:
     if "error" in result:
         reason = " ".join(line.strip() for line in str(result["error"]).splitlines())[:160]
         failed = f"failed ({result.get('stage', '?')}): {reason}"
-        return [*start, failed, "", "", "", "", "", "", *end]
+        return [*start, failed, "", "", "", "", "", "", "", *end]
     mfu = result.get("mfu")
     return [
         *start,
@@ -80,6 +81,7 @@ def row(result: dict) -> list[str]:
         _number(result.get("peak_gib"), ".3g"),
         _number(result.get("xla_peak_gib"), ".3g"),
         _number(result.get("state_copy_mib"), ".3g"),
+        _number(result.get("optimizer_ops"), "d"),
         *end,
     ]
 

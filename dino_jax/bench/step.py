@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dino_jax import cli, recipe
-from dino_jax.bench import hlo_copies
+from dino_jax.bench import hlo_copies, hlo_groups
 from dino_jax.bench.flops import dino_flops_per_image
 
 
@@ -204,7 +204,7 @@ def run(config, steps: int, warmup: int, profile_dir: str | None = None) -> dict
     from dino_jax.trainer import build_run, compile_step
 
     train_run = build_run(config)
-    state, step = initial_state(train_run), compile_step(train_run)
+    state, step = train_run.to_step(initial_state(train_run)), compile_step(train_run)
     batch = to_global(next(train_run.host_batches()), train_run.mesh)
     key = jax.random.key(0)
     start = time.perf_counter()
@@ -219,6 +219,7 @@ def run(config, steps: int, warmup: int, profile_dir: str | None = None) -> dict
     achieved = flops * batch_size / pipelined_s / jax.device_count()
     stats = jax.devices()[0].memory_stats() or {}
     xla = xla_flops(compiled)
+    text = compiled.as_text()
     result = {
         "arch": config.model.arch,
         "patch": config.model.patch_size,
@@ -240,7 +241,8 @@ def run(config, steps: int, warmup: int, profile_dir: str | None = None) -> dict
         "compile_s": compile_s,
         "peak_gib": gib_or_na(stats.get("peak_bytes_in_use")),
         "xla_peak_gib": gib_or_na(xla_peak_bytes(compiled)),
-        **hlo_copies.summary(compiled.as_text()),
+        **hlo_copies.summary(text),
+        "optimizer_ops": hlo_groups.entry_ops(text)["optimizer+EMA"],
         "loss": float(metrics["train/loss"]),
     }
     if profile_dir is not None:
