@@ -3,8 +3,8 @@
 # 9 minutes): the card and JAX's version, the bf16 matmul rate, then `dino-jax-bench step` for
 # ViT-S/16 (batch 128) and ViT-B/16 (batch 64), bf16 compute, 2 x 224 + 10 x 96 crops from
 # 512 x 512 canvases on the device, each model in one process (its settings share the GEMM
-# autotuning): the recipe as it is (traced with --profile), then one variant per speed option,
-# most wanted first; last, scripts/optimizer_layouts.py (the optimiser's kernels in three state
+# autotuning): the recipe as it is (traced with --profile), then every exact speed option at
+# once, then one variant per speed option, most wanted first; last, scripts/optimizer_layouts.py (the optimiser's kernels in three state
 # layouts). Every item has its own timeout, cut to the time left, so the summary always
 # prints; a setting that fails (cuDNN refusing a shape, an option not wired yet) is a JSON line
 # with its error and the others run.
@@ -91,9 +91,13 @@ if [ "${SMOKE:-0}" = 1 ]; then
   item 60 info "$python" -c "$info_py" float32
 else
   bf16=--config.model.compute_dtype=bfloat16
-  speed=(--variant model.attention=cudnn,model.attention_pad=8 --variant model.gelu=tanh
-    --variant aug.window=True --variant optim.branch_updates=True,optim.wait_for_gradient=True
-    --variant dino.loss_chunks=4
+  # every exact speed option at once ("after", should the item run out of time), then one
+  # variant per option; tanh-GELU, another function, only on its own
+  exact=model.attention=cudnn,model.attention_pad=64,aug.window=True,optim.branch_updates=True
+  exact+=,optim.wait_for_gradient=True,optim.flat_state=True
+  speed=(--variant "$exact" --variant model.attention=cudnn,model.attention_pad=8
+    --variant model.gelu=tanh --variant aug.window=True
+    --variant optim.branch_updates=True,optim.wait_for_gradient=True --variant dino.loss_chunks=4
     --variant optim.flat_state=True,optim.branch_updates=True,optim.wait_for_gradient=True)
   models=(vit_small16 vit_base16)
   declare -A args=(
