@@ -33,7 +33,7 @@ _ours: str | None = None  # the folder this module set in this process, if any
 
 def cache_root() -> str:
     """dino_jax's cache folder (dino_jax.hub's, where released weights are downloaded)."""
-    from dino_jax.hub import _cache_folder
+    from dino_jax.hub_download import _cache_folder
 
     return _cache_folder(None)
 

@@ -5,11 +5,16 @@ Names: the official torch.hub names (facebookresearch/dino, hubconf.py) for the 
 files `<folder>/<folder>.pth`, and the same name with `_full` for the full checkpoints that
 the official README.md links beside them, `<folder>/<folder>_full_checkpoint.pth` (teacher and
 student, each with its projection head, the DINO center and the training args).
+
+`_release` looks a name up; HubError, the error of every dino_jax.hub failure, is defined
+here, where the first one (an unknown name) is raised.
 """
 
 from __future__ import annotations
 
 import dataclasses
+
+from dino_jax.config import closest_key
 
 BASE_URL = "https://dl.fbaipublicfiles.com/dino"
 FULL_SUFFIX = "_full"  # name suffix of the full checkpoints
@@ -75,3 +80,22 @@ RELEASES: dict[str, Release] = {
     for suffix, what, full in (("", "backbone", False), (FULL_SUFFIX, "full checkpoint", True))
     for name, (title, folder, arch, patch) in _BACKBONES.items()
 }
+
+
+class HubError(ValueError):
+    """A named model or a file that cannot be had or loaded; the message says what was tried
+    and what to do (a user error: the command-line tools print it without a traceback)."""
+
+
+def _release(name: str) -> Release:
+    if not isinstance(name, str):
+        raise HubError(f"{name!r} is not a model name: give one of names() (load takes paths)")
+    if name in RELEASES:
+        return RELEASES[name]
+    close = closest_key(name.lower(), RELEASES)
+    hint = f" (did you mean {close!r}?)" if close else ""
+    raise HubError(
+        f"unknown DINO model {name!r}{hint}. Known names: {', '.join(RELEASES)} (the backbones,"
+        f" and with {FULL_SUFFIX!r} the full checkpoints with heads); or give the path of a"
+        " .pth file"
+    )

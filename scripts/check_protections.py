@@ -87,7 +87,7 @@ CASES = [
     ),
     Case(
         "the config is validated before any compute",
-        "dino_jax/trainer.py",
+        "dino_jax/run_start.py",
         "    validate(config, mesh.size, jax.process_count(), jax.default_backend())\n",
         "",
         ("tests/test_bad_config.py",),
@@ -101,7 +101,7 @@ CASES = [
     ),
     Case(
         "a resumed run continues the data stream where it stopped",
-        "dino_jax/trainer.py",
+        "dino_jax/run_start.py",
         "return dataclasses.replace(data, start_step=start, skips=skips)",
         "return dataclasses.replace(data, start_step=0, skips=skips)",
         ("tests/test_faults_kill.py",),
@@ -180,7 +180,7 @@ CASES = [
     ),
     Case(
         "the init_from file is checked before the work directory is made",
-        "dino_jax/trainer.py",
+        "dino_jax/run_start.py",
         "    check_init_from(config)\n    return data",
         "    return data",
         ("tests/test_exit_statuses.py", "-k", "init_from"),

@@ -15,7 +15,8 @@ from PIL import Image
 from dino_jax import parallel
 from dino_jax.config import ConfigError, dotted
 from dino_jax.data.sources import DataError
-from dino_jax.trainer import preflight, train
+from dino_jax.run_start import preflight
+from dino_jax.trainer import train
 
 NEVER_THERE = "/nonexistent/dino_jax"
 
