@@ -21,7 +21,7 @@ from dino_jax.models.backbones import (
 )
 from dino_jax.models.rope import NORMALIZE_COORDS
 from dino_jax.models.vit2 import FFNS
-from dino_jax.models.vit3 import SWIGLU_ALIGN
+from dino_jax.models.vit3_layers import SWIGLU_ALIGN
 from dino_jax.optim import OPTIMIZERS
 from dino_jax.validation_base import Errors
 from dino_jax.validation_speed import speed_option_errors

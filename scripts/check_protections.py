@@ -292,7 +292,7 @@ CASES = [
     ),
     Case(
         "a failing tf.data stream's traceback does not keep its iterator alive",
-        "dino_jax/data/pipeline.py",
+        "dino_jax/data/tf_batches.py",
         "            _forget_frames(error)\n            raise",
         "            raise",
         ("tests/test_data_shutdown.py", "-k", "decoder"),  # hangs: fails after 60 s (3/3)

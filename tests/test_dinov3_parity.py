@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec
 
 from dino_jax import parallel
 from dino_jax.gram import gram_loss
-from dino_jax.models import rope, vit3
+from dino_jax.models import rope, vit3, vit3_layers
 
 TOL = 1e-5  # acceptance: max abs error <= 1e-5 * max |reference|
 # bfloat16 RoPE: the official computes every op in float32 and rounds it to bfloat16. A
@@ -151,7 +151,7 @@ def test_rope_apply_matches_official(data):
 
 
 def _block_model():
-    return vit3.Block(
+    return vit3_layers.Block(
         num_heads=3,
         ffn_layer="swiglu64",
         qkv_bias=True,
@@ -178,7 +178,7 @@ def test_rope_attention_matches_official(data, monkeypatch):
     """`out/block/attn_*` is `block.attn(x, rope)` on the raw x (no norm1). The block output
     is mostly its residual (RoPE moves it by only 6.5e-5 relative), so the wrong variants
     are measured here, on the attention output itself."""
-    attn = vit3.RopeAttention(num_heads=3, mask_k_bias=True)
+    attn = vit3_layers.RopeAttention(num_heads=3, mask_k_bias=True)
     params = vit3.from_official_state_dict(_block_model(), _state_dict(data, "block/"), "block/")
     variables = {"params": params["attn"]}
     x, ref = data["in/block/x"], data["out/block/attn_rope"]
@@ -191,7 +191,7 @@ def test_rope_attention_matches_official(data, monkeypatch):
     pad = lambda t: jnp.concatenate([jnp.repeat(t[:1], N_PREFIX, 0), t])
     wrong["prefix rotated"] = attn.apply(variables, x, (pad(sin), pad(cos)))
     wrong["no rope"] = attn.apply(variables, x, None)
-    unmasked = vit3.RopeAttention(num_heads=3, mask_k_bias=False)
+    unmasked = vit3_layers.RopeAttention(num_heads=3, mask_k_bias=False)
     wrong["k bias used"] = unmasked.apply(variables, x, (sin, cos))
     with monkeypatch.context() as m:
         m.setattr(rope, "rotate_half", _interleaved_rotate)
