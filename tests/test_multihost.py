@@ -18,12 +18,13 @@ WORKER = os.path.join(TESTS, "helpers", "multihost_worker.py")
 LATE_S = 35
 
 
-def launch(num_processes: int, out, late_s: float = 0.0) -> None:
+def launch(num_processes: int, out, late_s: float = 0.0, flat: bool = False) -> None:
     port = str(free_port())
     env = {**os.environ, "PYTHONPATH": ROOT}
+    args = [str(num_processes), port, str(out), str(late_s), "1" if flat else "0"]
     procs = [
         subprocess.Popen(
-            [sys.executable, WORKER, str(i), str(num_processes), port, str(out), str(late_s)],
+            [sys.executable, WORKER, str(i), *args],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -36,11 +37,19 @@ def launch(num_processes: int, out, late_s: float = 0.0) -> None:
         assert proc.returncode == 0, output[-3000:]
 
 
+def assert_same_run(a, b) -> None:
+    assert sorted(a.files) == sorted(b.files) and len(b.files) > 50
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
+    for key in b.files:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
 def test_two_processes_match_one(tmp_path):
+    """Also with optim.flat_state over the two processes (its conversions read the replicated
+    state on each), against the one process's per-tensor run."""
     launch(2, tmp_path / "two.npz", late_s=LATE_S)
     launch(1, tmp_path / "one.npz")
-    two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
-    assert sorted(two.files) == sorted(one.files) and len(one.files) > 50
-    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-6)
-    for key in one.files:
-        np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    launch(2, tmp_path / "flat.npz", flat=True)
+    one = np.load(tmp_path / "one.npz")
+    assert_same_run(np.load(tmp_path / "two.npz"), one)
+    assert_same_run(np.load(tmp_path / "flat.npz"), one)

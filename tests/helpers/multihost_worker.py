@@ -1,9 +1,10 @@
 """One process of a multi-process training run on CPU (see tests/test_multihost.py).
 
-usage: python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz [LATE_S]
+usage: python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz [LATE_S [FLAT]]
 Each process feeds its own rows of a fixed global batch; process 0 saves the final state.
 With LATE_S, process 1 starts compiling that many seconds after the others (an unevenly
-loaded host).
+loaded host). With FLAT = 1 the run steps with optim.flat_state and saves the state taken
+back per tensor.
 """
 
 import os
@@ -13,6 +14,7 @@ import time
 
 process_id, num_processes, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 late_s = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+flat = len(sys.argv) > 6 and sys.argv[6] == "1"
 # the repository (for dino_jax) and tests/ (for helpers.*), found from this file's location
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -45,16 +47,16 @@ def global_batches():
         }
 
 
-run = build_run(tiny_config(**{"optim.batch_size": BATCH}))
+run = build_run(tiny_config(**{"optim.batch_size": BATCH, "optim.flat_state": flat}))
 assert run.mesh.size == 8 and jax.process_count() == num_processes
 if process_id == 1:
     time.sleep(late_s)
-state, step = initial_state(run), compile_step(run)
+state, step = run.to_step(initial_state(run)), compile_step(run)
 rows = slice(process_id * BATCH // num_processes, (process_id + 1) * BATCH // num_processes)
 for batch in global_batches():
     local = {key: value[rows] for key, value in batch.items()}
     state, metrics = step(state, to_global(local, run.mesh), jax.random.key(0))
-leaves = jax.tree.leaves(state)
+leaves = jax.tree.leaves(run.to_tree(state))
 if process_id == 0:
     # the state is replicated: every process holds all of it
     arrays = [np.asarray(x.addressable_shards[0].data) for x in leaves]
