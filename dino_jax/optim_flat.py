@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,34 +46,46 @@ class Slot:
         return math.prod(self.shape)
 
 
+class Group(NamedTuple):
+    """A group of tensors: its name (its vector's key), whether it is decayed, and its first
+    tensor's path and shape, which the skip rule is asked about for the whole group."""
+
+    name: str
+    decays: bool
+    first_name: str
+    first_leaf: Any
+
+
 @dataclasses.dataclass(frozen=True)
 class FlatLayout:
     """The tensors of a parameter tree laid out in flat vectors, one per group (static)."""
 
     treedef: Any
     slots: tuple[Slot, ...]  # in the tree's leaf order
-    groups: tuple[tuple[str, int, str], ...]  # (group, length, dtype), in first-use order
+    groups: tuple[Group, ...]  # in first-use order
 
     @classmethod
     def of(cls, params: PyTree, group_of) -> FlatLayout:
-        """The layout of `params` (arrays or shapes); `group_of(name, leaf)`: a leaf's group."""
+        """The layout of `params` (arrays or shapes); `group_of(name, leaf)`: a leaf's group
+        key, (its group's name, whether it is decayed)."""
         leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
         sizes: dict[str, int] = {}
-        dtypes: dict[str, str] = {}
+        groups: dict[str, Group] = {}
         slots = []
         for path, leaf in leaves:
             name = jax.tree_util.keystr(path, simple=True, separator="/")
-            group = f"{group_of(name, leaf)}/{jnp.dtype(leaf.dtype).name}"
+            kind, decays = group_of(name, leaf)
+            group = f"{kind}/{'decay' if decays else 'no_decay'}/{jnp.dtype(leaf.dtype).name}"
+            shape = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+            groups.setdefault(group, Group(group, decays, name, shape))
             offset = sizes.get(group, 0)
             slots.append(Slot(group, offset, tuple(leaf.shape)))
             sizes[group] = offset + math.prod(leaf.shape)
-            dtypes[group] = jnp.dtype(leaf.dtype).name
-        groups = tuple((g, n, dtypes[g]) for g, n in sizes.items())
-        return cls(treedef, tuple(slots), groups)
+        return cls(treedef, tuple(slots), tuple(groups.values()))
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(g for g, _, _ in self.groups)
+        return tuple(g.name for g in self.groups)
 
     def flatten(self, tree: PyTree, groups=None) -> dict[str, jax.Array]:
         """`tree`'s tensors concatenated into their groups' vectors (only `groups` if given)."""
@@ -123,23 +135,15 @@ def as_tree(params: PyTree | FlatParams) -> PyTree:
     return params.tree() if isinstance(params, FlatParams) else params
 
 
-# A group's name starts with when it is updated, then whether it is decayed.
-FIXED, FROZEN_EARLY, ALWAYS = "fixed", "last_layer", "updated"
+def recipe_group(skipped: optim.SkipPredicate):
+    """A parameter's group key under the recipe's rules: when `skipped` skips it (always,
+    never, or at some steps: its answer for step 0 is then an array), and whether it is
+    decayed (dino_jax.optim.official_decay)."""
 
-
-def recipe_group(norm_last_layer: bool):
-    """The group of a parameter under dino_jax.optim.dino_optimizer's rules."""
-    fixed_gain = optim.frozen_weight_g(norm_last_layer)
-
-    def group_of(name: str, leaf) -> str:
-        if fixed_gain(name, leaf):
-            when = FIXED
-        elif optim.is_last_layer(name, leaf):
-            when = FROZEN_EARLY
-        else:
-            when = ALWAYS
-        decays = optim.official_decay(name, leaf)
-        return f"{when}/{'decay' if decays else 'no_decay'}"
+    def group_of(name: str, leaf) -> tuple[str, bool]:
+        skip = skipped(name, leaf, jnp.zeros([], jnp.int32))
+        kind = ("updated", "fixed")[skip] if isinstance(skip, bool) else "some_steps"
+        return kind, optim.official_decay(name, leaf)
 
     return group_of
 
@@ -150,6 +154,7 @@ class FlatOptimizer:
 
     layout: FlatLayout
     schedules: Schedules
+    skipped: optim.SkipPredicate  # optim.dino_skipped: the layout's groups were made by it
     optimizer: str = "adamw"
     clip_grad: float = 3.0
     b1: float = 0.9
@@ -163,38 +168,31 @@ class FlatOptimizer:
         clip_state, rule_state = opt_state
         if self.clip_grad:
             grads = jax.tree.map(lambda g: optim.clip_tensor(g, self.clip_grad), grads)
-        moving = [g for g in self.layout.names if not g.startswith(FIXED)]
+        skips = {g.name: self.skipped(g.first_name, g.first_leaf, step) for g in self.layout.groups}
+        moving = [name for name, skip in skips.items() if skip is not True]
         flat_grads = self.layout.flatten(grads, moving)
         lr, wd = self.schedules.lr(step), self.schedules.wd(step)
         fields = rule_state._fields
         updates, new_state = {}, {f: {} for f in fields}
-        for group in self.layout.names:
-            p = params.buffers[group]
-            old = tuple(getattr(rule_state, f)[group] for f in fields)
+        for group in self.layout.groups:
+            p = params.buffers[group.name]
+            old = tuple(getattr(rule_state, f)[group.name] for f in fields)
             out = optim.guarded(
-                self._skipped(group, step),
-                self._rule(lr, wd, group, flat_grads.get(group), p, old),
+                skips[group.name],
+                self._rule(lr, wd, group.decays, flat_grads.get(group.name), p, old),
                 lambda p=p, old=old: (jnp.zeros_like(p), *old),  # as PyTorch's skip
                 self.branch,
             )
-            updates[group] = out[0]
+            updates[group.name] = out[0]
             for f, value in zip(fields, out[1:], strict=True):
-                new_state[f][group] = value
+                new_state[f][group.name] = value
         return (
             FlatParams(updates, self.layout),
             (clip_state, type(rule_state)(**new_state)),
         )
 
-    def _skipped(self, group: str, step: jax.Array) -> bool | jax.Array:
-        """dino_jax.optim.dino_skipped for a group: always, while frozen, or never."""
-        when = group.split("/")[0]
-        if when == FROZEN_EARLY:
-            return self.schedules.last_layer_frozen(step)
-        return when == FIXED
-
-    def _rule(self, lr, wd, group: str, g, p, old):
+    def _rule(self, lr, wd, decays: bool, g, p, old):
         """The update of one group, as a function of nothing (for optim.guarded)."""
-        decays = group.split("/")[1] == "decay"
 
         def step_group():
             if self.optimizer == "adamw":
@@ -261,10 +259,11 @@ def flat_optimizer(
         raise ValueError(
             f"optim.flat_state has no {optimizer!r}: use {' or '.join(FLAT_OPTIMIZERS)}"
         )
-    layout = FlatLayout.of(params, recipe_group(norm_last_layer))
+    skipped = optim.dino_skipped(schedules, norm_last_layer)
     return FlatOptimizer(
-        layout,
+        FlatLayout.of(params, recipe_group(skipped)),
         schedules,
+        skipped,
         optimizer=optimizer,
         clip_grad=clip_grad,
         branch=branch_updates,

@@ -43,7 +43,7 @@ def test_the_layout_round_trip_is_exact():
     assert set(flat.layout.names) == {
         "updated/decay/float32",
         "updated/no_decay/float32",
-        "last_layer/decay/float32",
+        "some_steps/decay/float32",  # the last layer, frozen in the first epoch
         "fixed/decay/float32",  # the prototype gains, fixed at 1 with norm_last_layer
     }
     stepping = flat.to_flat(state)
